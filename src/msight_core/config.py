@@ -1,0 +1,515 @@
+"""Configuration: the only module that reads ``os.environ``.
+
+Each backend gets a frozen dataclass built from the ``MSIGHT_*`` variables the
+original msight-core uses (plus a few of ours, documented on each field). Every
+loader takes an optional ``env`` mapping so tests and tools can pass their own,
+and keyword overrides so code can build a config without touching the
+environment at all.
+
+Secrets are wrapped in :class:`Secret`, whose ``repr()``/``str()`` is ``***``;
+only the backend that hands them to its client calls :meth:`Secret.reveal`.
+Server lists accept the seed's Python-list form ``"['nats://localhost:4222']"``
+as well as plain comma-separated values; they are parsed, never evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+__all__ = [
+    "BACKENDS",
+    "Secret",
+    "OverflowPolicy",
+    "QueueConfig",
+    "PublishConfig",
+    "RedisConfig",
+    "NatsConfig",
+    "KafkaConfig",
+    "backend_name",
+    "load_queue_config",
+    "load_publish_config",
+    "load_redis_config",
+    "load_nats_config",
+    "load_kafka_config",
+    "parse_server_list",
+    "parse_bool",
+]
+
+#: Valid values of ``MSIGHT_PUBSUB_BACKEND``.
+BACKENDS: tuple[str, ...] = ("redis", "nats", "kafka", "memory")
+
+MiB = 1024 * 1024
+
+_T = TypeVar("_T")
+
+
+class Secret:
+    """A credential whose text never shows in ``repr()``, ``str()`` or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("Secret value must be a str")
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret text; call only where it is handed to a client."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __reduce__(self) -> Any:  # keep secrets out of pickles too
+        raise TypeError("Secret values cannot be pickled")
+
+
+class OverflowPolicy(str, Enum):
+    """What a subscriber's receive queue does when its bound is reached."""
+
+    DROP_OLDEST = "drop_oldest"
+    """Discard the oldest queued message (freshest data wins: the sensor default)."""
+    DROP_NEWEST = "drop_newest"
+    """Discard the message that just arrived."""
+    BLOCK = "block"
+    """Stop reading from the broker until the application catches up (backpressure).
+    On Redis this eventually makes the server disconnect the subscriber."""
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Bound on what a subscriber holds between the broker and ``listen()``.
+
+    Env: ``MSIGHT_QUEUE_MAX_MESSAGES``, ``MSIGHT_QUEUE_MAX_BYTES``, ``MSIGHT_QUEUE_OVERFLOW``.
+    """
+
+    max_messages: int = 100_000
+    max_bytes: int = 512 * MiB
+    overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1:
+            raise ConfigError("queue max_messages must be >= 1")
+        if self.max_bytes < 1:
+            raise ConfigError("queue max_bytes must be >= 1")
+        object.__setattr__(self, "overflow", OverflowPolicy(self.overflow))
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Bound on what ``publish()`` buffers while the broker is unreachable.
+
+    Env: ``MSIGHT_PUBLISH_BUFFER_BYTES`` (default 64 MiB) and
+    ``MSIGHT_PUBLISH_TIMEOUT`` (seconds ``publish()``/``flush()`` may wait for room
+    or for the broker before raising :class:`~msight_core.errors.BackpressureError`).
+    """
+
+    buffer_bytes: int = 64 * MiB
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.buffer_bytes < 1:
+            raise ConfigError("publish buffer_bytes must be >= 1")
+        if not self.timeout > 0:
+            raise ConfigError("publish timeout must be > 0")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Redis connection settings (``MSIGHT_REDIS_MESSAGE_BROKER_*``)."""
+
+    host: str = "localhost"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: Secret | None = None
+    use_tls: bool = False
+    tls_ca_cert_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+    use_cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        if self.db < 0:
+            raise ConfigError("Redis db must be >= 0")
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    """NATS connection settings (``MSIGHT_NATS_*``)."""
+
+    servers: tuple[str, ...] = ("nats://localhost:4222",)
+    group_id: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    nkey_seed: Secret | None = None
+    user_jwt: Secret | None = None
+    user_credentials: str | None = None
+    use_tls: bool = False
+    tls_verify: bool = True
+    tls_ca_cert_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    jetstream: bool = False
+    """Durable at-least-once mode (``MSIGHT_NATS_JETSTREAM``)."""
+    connect_timeout: float = 5.0
+    name: str | None = None
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("NATS servers must not be empty")
+        object.__setattr__(self, "servers", tuple(self.servers))
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Kafka settings (``MSIGHT_KAFKA_*``).
+
+    ``producer``, ``consumer`` and ``client`` hold librdkafka properties passed
+    through as they are (``client`` goes to both). From the environment:
+    ``MSIGHT_KAFKA_CONSUMER_SESSION_TIMEOUT_MS=6000`` becomes consumer property
+    ``session.timeout.ms``; likewise ``MSIGHT_KAFKA_PRODUCER_*`` and
+    ``MSIGHT_KAFKA_CLIENT_*``.
+    """
+
+    servers: tuple[str, ...] = ("localhost:9092",)
+    group_id: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    use_tls: bool = False
+    tls_ca_cert_file: str | None = None
+    num_partitions: int = 6
+    """Partitions of topics the library creates (``MSIGHT_KAFKA_NUM_PARTITIONS``)."""
+    replication_factor: int = 1
+    """Replication of topics the library creates (``MSIGHT_KAFKA_REPLICATION_FACTOR``)."""
+    max_message_bytes: int = 64 * MiB + 64 * 1024
+    """``max.message.bytes`` of topics the library creates (``MSIGHT_KAFKA_MAX_MESSAGE_BYTES``)."""
+    start: str = "latest"
+    """Where a group with no committed offset starts: ``earliest`` or ``latest``
+    (``MSIGHT_KAFKA_START``)."""
+    producer: Mapping[str, Any] = field(default_factory=dict)
+    consumer: Mapping[str, Any] = field(default_factory=dict)
+    client: Mapping[str, Any] = field(default_factory=dict)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("Kafka servers must not be empty")
+        object.__setattr__(self, "servers", tuple(self.servers))
+        if self.num_partitions < 1:
+            raise ConfigError("Kafka num_partitions must be >= 1")
+        if self.replication_factor < 1:
+            raise ConfigError("Kafka replication_factor must be >= 1")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("Kafka max_message_bytes must be >= 1024")
+        if self.start not in ("earliest", "latest"):
+            raise ConfigError("Kafka start must be 'earliest' or 'latest'")
+        for name in ("producer", "consumer", "client"):
+            props = dict(getattr(self, name))
+            for key, value in props.items():
+                if isinstance(value, str) and _is_secret_property(key):
+                    props[key] = Secret(value)
+            object.__setattr__(self, name, props)
+
+    def __hash__(self) -> int:
+        return hash((self.servers, self.group_id))
+
+
+# --------------------------------------------------------------------------- parsing
+
+_BOOL_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_BOOL_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+_ITEM_RE = re.compile(r"^[^\s'\"\[\],]+$")
+_SECRET_WORDS = ("password", "secret", "token", "key", "jwt", "seed", "credential")
+
+
+def _is_secret_property(key: str) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith(
+        (".location", ".file")
+    )
+
+
+def _shown(value: str) -> str:
+    """A short, safe rendering of a (non-secret) bad value for error messages."""
+    text = value if len(value) <= 60 else value[:57] + "..."
+    return repr(text)
+
+
+def parse_bool(value: str, var: str = "value") -> bool:
+    """Parse ``true/false/1/0/yes/no/on/off`` (any case); else :class:`ConfigError`."""
+    lowered = value.strip().lower()
+    if lowered in _BOOL_TRUE:
+        return True
+    if lowered in _BOOL_FALSE:
+        return False
+    raise ConfigError(f"{var} must be a boolean (true/false), got {_shown(value)}")
+
+
+def _parse_int(value: str, var: str, minimum: int = 0, maximum: int | None = None) -> int:
+    try:
+        number = int(value.strip().replace("_", ""), 10)
+    except ValueError:
+        raise ConfigError(f"{var} must be an integer, got {_shown(value)}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{var} must be {bound}, got {number}")
+    return number
+
+
+def _parse_float(value: str, var: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{var} must be a number, got {_shown(value)}") from None
+    if not (number > 0 and number < float("inf")):
+        raise ConfigError(f"{var} must be a positive finite number, got {_shown(value)}")
+    return number
+
+
+def parse_server_list(value: str, var: str = "server list") -> tuple[str, ...]:
+    """Parse ``"['a:1', 'b:2']"``, ``'["a:1"]'`` or ``"a:1, b:2"`` into a tuple.
+
+    Raises:
+        ConfigError: the value is empty or malformed; the message names ``var``.
+    """
+    text = value.strip()
+    if text.startswith("[") or text.endswith("]"):
+        if not (text.startswith("[") and text.endswith("]")):
+            raise ConfigError(f"{var}: unbalanced brackets in {_shown(value)}")
+        text = text[1:-1]
+    parts = text.split(",")
+    if len(parts) > 1 and parts[-1].strip() == "":
+        parts.pop()  # tolerate one trailing comma, as Python lists do
+    items: list[str] = []
+    for raw in parts:
+        item = raw.strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1].strip()
+        if not item:
+            if len(parts) == 1:
+                break
+            raise ConfigError(f"{var}: empty entry in {_shown(value)}")
+        if not _ITEM_RE.match(item):
+            raise ConfigError(f"{var}: malformed entry {_shown(item)} in {_shown(value)}")
+        items.append(item)
+    if not items:
+        raise ConfigError(f"{var} must list at least one server, got {_shown(value)}")
+    return tuple(items)
+
+
+def _check_port(var: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{var} must be a TCP port in [1, 65535], got {port}")
+
+
+class _Env:
+    """Typed access to one environment mapping, naming the variable on errors."""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self.env = os.environ if env is None else env
+
+    def raw(self, var: str) -> str | None:
+        value = self.env.get(var)
+        if value is None or value.strip() == "":
+            return None
+        return value
+
+    def str(self, var: str) -> str | None:
+        value = self.raw(var)
+        return None if value is None else value.strip()
+
+    def secret(self, var: str) -> Secret | None:
+        value = self.raw(var)
+        return None if value is None else Secret(value.strip())
+
+    def bool(self, var: str, default: bool) -> bool:
+        value = self.raw(var)
+        return default if value is None else parse_bool(value, var)
+
+    def int(self, var: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(var)
+        return default if value is None else _parse_int(value, var, minimum, maximum)
+
+    def float(self, var: str, default: float) -> float:
+        value = self.raw(var)
+        return default if value is None else _parse_float(value, var)
+
+    def servers(self, var: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.raw(var)
+        return default if value is None else parse_server_list(value, var)
+
+    def prefixed(self, prefix: str) -> dict[str, str]:
+        """``PREFIX_SESSION_TIMEOUT_MS=6000`` -> ``{"session.timeout.ms": "6000"}``."""
+        out: dict[str, str] = {}
+        for key, value in self.env.items():
+            if key.startswith(prefix) and len(key) > len(prefix):
+                out[key[len(prefix) :].lower().replace("_", ".")] = value.strip()
+        return out
+
+
+def _replace(config: _T, overrides: Mapping[str, Any]) -> _T:
+    try:
+        return dataclasses.replace(config, **overrides)  # type: ignore[type-var]
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def backend_name(env: Mapping[str, str] | None = None) -> str:
+    """The backend chosen by ``MSIGHT_PUBSUB_BACKEND`` (default ``redis``)."""
+    value = _Env(env).str("MSIGHT_PUBSUB_BACKEND")
+    if value is None:
+        return "redis"
+    name = value.lower()
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"MSIGHT_PUBSUB_BACKEND={_shown(value)} is not a backend; "
+            f"valid: {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+def load_queue_config(env: Mapping[str, str] | None = None, **overrides: Any) -> QueueConfig:
+    e = _Env(env)
+    overflow = e.str("MSIGHT_QUEUE_OVERFLOW")
+    if overflow is not None:
+        try:
+            policy = OverflowPolicy(overflow.lower())
+        except ValueError:
+            valid = ", ".join(p.value for p in OverflowPolicy)
+            raise ConfigError(
+                f"MSIGHT_QUEUE_OVERFLOW must be one of {valid}, got {_shown(overflow)}"
+            ) from None
+    else:
+        policy = OverflowPolicy.DROP_OLDEST
+    config = QueueConfig(
+        max_messages=e.int("MSIGHT_QUEUE_MAX_MESSAGES", QueueConfig.max_messages, minimum=1),
+        max_bytes=e.int("MSIGHT_QUEUE_MAX_BYTES", QueueConfig.max_bytes, minimum=1),
+        overflow=policy,
+    )
+    return _replace(config, overrides)
+
+
+def load_publish_config(env: Mapping[str, str] | None = None, **overrides: Any) -> PublishConfig:
+    e = _Env(env)
+    config = PublishConfig(
+        buffer_bytes=e.int("MSIGHT_PUBLISH_BUFFER_BYTES", PublishConfig.buffer_bytes, minimum=1),
+        timeout=e.float("MSIGHT_PUBLISH_TIMEOUT", PublishConfig.timeout),
+    )
+    return _replace(config, overrides)
+
+
+def load_redis_config(env: Mapping[str, str] | None = None, **overrides: Any) -> RedisConfig:
+    """Build a :class:`RedisConfig` from ``MSIGHT_REDIS_MESSAGE_BROKER_*``."""
+    e = _Env(env)
+    p = "MSIGHT_REDIS_MESSAGE_BROKER_"
+    config = RedisConfig(
+        host=e.str(p + "HOST") or "localhost",
+        port=e.int(p + "PORT", 6379, minimum=1, maximum=65535),
+        db=e.int(p + "DB", 0, minimum=0, maximum=1_000_000),
+        username=e.str(p + "USERNAME"),
+        password=e.secret(p + "PASSWORD"),
+        use_tls=e.bool(p + "USE_TLS", False),
+        tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
+        tls_cert_file=e.str(p + "TLS_CERT_FILE"),
+        tls_key_file=e.str(p + "TLS_KEY_FILE"),
+        tls_verify=e.bool(p + "TLS_VERIFY", True),
+        use_cluster=e.bool(p + "USE_CLUSTER", False),
+        cluster_nodes=e.servers(p + "CLUSTER_NODES", ()),
+        connect_timeout=e.float(p + "CONNECT_TIMEOUT", 5.0),
+        queue=load_queue_config(env),
+        publish=load_publish_config(env),
+    )
+    return _replace(config, overrides)
+
+
+def load_nats_config(
+    group_id: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> NatsConfig:
+    """Build a :class:`NatsConfig` from ``MSIGHT_NATS_*``."""
+    e = _Env(env)
+    p = "MSIGHT_NATS_"
+    config = NatsConfig(
+        servers=e.servers(p + "SERVERS", NatsConfig.servers),
+        group_id=group_id,
+        username=e.str(p + "USERNAME"),
+        password=e.secret(p + "PASSWORD"),
+        token=e.secret(p + "TOKEN"),
+        nkey_seed=e.secret(p + "NKEY_SEED"),
+        user_jwt=e.secret(p + "USER_JWT"),
+        user_credentials=e.str(p + "USER_CREDENTIALS"),
+        use_tls=e.bool(p + "USE_TLS", False),
+        tls_verify=e.bool(p + "TLS_VERIFY", True),
+        tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
+        tls_cert_file=e.str(p + "TLS_CERT_FILE"),
+        tls_key_file=e.str(p + "TLS_KEY_FILE"),
+        jetstream=e.bool(p + "JETSTREAM", False),
+        connect_timeout=e.float(p + "CONNECT_TIMEOUT", 5.0),
+        name=e.str(p + "CLIENT_NAME"),
+        queue=load_queue_config(env),
+        publish=load_publish_config(env),
+    )
+    return _replace(config, overrides)
+
+
+def load_kafka_config(
+    group_id: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> KafkaConfig:
+    """Build a :class:`KafkaConfig` from ``MSIGHT_KAFKA_*`` (see the class for pass-through)."""
+    e = _Env(env)
+    p = "MSIGHT_KAFKA_"
+    start = (e.str(p + "START") or "latest").lower()
+    if start not in ("earliest", "latest"):
+        raise ConfigError(f"{p}START must be 'earliest' or 'latest', got {_shown(start)}")
+    config = KafkaConfig(
+        servers=e.servers(p + "SERVERS", KafkaConfig.servers),
+        group_id=group_id,
+        sasl_mechanism=e.str(p + "SASL_MECHANISM"),
+        sasl_username=e.str(p + "SASL_USERNAME"),
+        sasl_password=e.secret(p + "SASL_PASSWORD"),
+        use_tls=e.bool(p + "USE_TLS", False),
+        tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
+        num_partitions=e.int(p + "NUM_PARTITIONS", KafkaConfig.num_partitions, minimum=1),
+        replication_factor=e.int(p + "REPLICATION_FACTOR", 1, minimum=1, maximum=1000),
+        max_message_bytes=e.int(
+            p + "MAX_MESSAGE_BYTES", KafkaConfig.max_message_bytes, minimum=1024
+        ),
+        start=start,
+        producer=e.prefixed(p + "PRODUCER_"),
+        consumer=e.prefixed(p + "CONSUMER_"),
+        client=e.prefixed(p + "CLIENT_"),
+        queue=load_queue_config(env),
+        publish=load_publish_config(env),
+    )
+    return _replace(config, overrides)

@@ -1,0 +1,90 @@
+"""Pub/sub backends behind one interface, chosen with ``MSIGHT_PUBSUB_BACKEND``.
+
+Backends are imported lazily: ``from msight_core.pubsub import RedisPubSub``
+imports redis support only, never nats or confluent_kafka.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ..config import backend_name
+from .base import Capabilities, Message, PubSubBackend
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .kafka import KafkaPubSub
+    from .memory import MemoryPubSub
+    from .nats import NATSPubSub
+    from .redis import RedisPubSub
+
+__all__ = [
+    "PubSubBackend",
+    "Capabilities",
+    "Message",
+    "RedisPubSub",
+    "NATSPubSub",
+    "KafkaPubSub",
+    "MemoryPubSub",
+    "get_pubsub",
+]
+
+_LAZY = {
+    "RedisPubSub": ".redis",
+    "NATSPubSub": ".nats",
+    "KafkaPubSub": ".kafka",
+    "MemoryPubSub": ".memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def get_pubsub(group_id: str | None = None, env: Mapping[str, str] | None = None) -> PubSubBackend:
+    """Build the backend named by ``MSIGHT_PUBSUB_BACKEND`` (default ``redis``).
+
+    Args:
+        group_id: load-balancing group (NATS queue group, Kafka consumer group,
+            memory group). Redis has no groups: every subscriber gets everything.
+        env: environment mapping to read instead of ``os.environ``.
+
+    Raises:
+        ConfigError: unknown backend name or invalid ``MSIGHT_*`` value.
+        MissingDependencyError: the backend's extra is not installed.
+    """
+    name = backend_name(env)
+    if name == "redis":
+        from ..config import load_redis_config
+        from .redis import RedisPubSub
+
+        if group_id is not None:
+            import logging
+
+            logging.getLogger(__name__).info(
+                "group_id %r ignored: Redis pub/sub has no groups (every subscriber gets "
+                "every message); use nats or kafka for load balancing",
+                group_id,
+            )
+        return RedisPubSub(load_redis_config(env))
+    if name == "nats":
+        from .nats import NATSPubSub
+        from .utils import get_nats_config
+
+        return NATSPubSub(get_nats_config(group_id, env=env))
+    if name == "kafka":
+        from .kafka import KafkaPubSub
+        from .utils import get_kafka_config
+
+        return KafkaPubSub(get_kafka_config(group_id, env=env))
+    from ..config import load_queue_config
+    from .memory import MemoryPubSub
+
+    return MemoryPubSub(group_id=group_id, queue=load_queue_config(env))

@@ -1,0 +1,95 @@
+"""In-process backend for unit tests: no broker, same contract.
+
+All :class:`MemoryPubSub` instances sharing a :class:`MemoryBroker` (by default
+the process-wide one) see each other's messages: broadcast to every subscriber
+without a group, and round-robin among members of one ``group_id``, like a NATS
+queue group. Payloads are delivered as the exact ``bytes`` published.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+from ..config import QueueConfig, load_queue_config
+from ._core import Delivery, QueueBackend
+from .base import Capabilities
+
+__all__ = ["MemoryBroker", "MemoryPubSub"]
+
+
+class MemoryBroker:
+    """Routes messages between :class:`MemoryPubSub` instances of one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # topic -> group key (None for broadcast members) -> members
+        self._routes: dict[str, dict[Any, list[MemoryPubSub]]] = {}
+        self._turn = itertools.count()
+
+    def join(self, name: str, member: MemoryPubSub) -> None:
+        with self._lock:
+            groups = self._routes.setdefault(name, {})
+            key = member.group_id if member.group_id is not None else ("solo", id(member))
+            groups.setdefault(key, []).append(member)
+
+    def leave(self, member: MemoryPubSub) -> None:
+        with self._lock:
+            for groups in self._routes.values():
+                for key in list(groups):
+                    if member in groups[key]:
+                        groups[key].remove(member)
+                    if not groups[key]:
+                        del groups[key]
+
+    def route(self, name: str, data: bytes) -> None:
+        with self._lock:
+            groups = self._routes.get(name)
+            if not groups:
+                return
+            targets = [
+                members[0] if len(members) == 1 else members[next(self._turn) % len(members)]
+                for members in groups.values()
+            ]
+            delivery = Delivery(name, data)
+            # Deliver under the lock so one publisher's order is kept per subscriber.
+            for member in targets:
+                member._queue.put(delivery)
+
+
+_default_broker = MemoryBroker()
+
+
+class MemoryPubSub(QueueBackend):
+    """In-memory pub/sub (``MSIGHT_PUBSUB_BACKEND=memory``).
+
+    Args:
+        group_id: subscribers with the same ``group_id`` share the messages.
+        broker: the :class:`MemoryBroker` to use (default: one per process).
+        queue: receive-queue bounds (default: from the environment).
+    """
+
+    capabilities = Capabilities(broadcast=True, groups=True, persistent=False, ordered=True)
+
+    def __init__(
+        self,
+        group_id: str | None = None,
+        broker: MemoryBroker | None = None,
+        queue: QueueConfig | None = None,
+    ) -> None:
+        super().__init__(queue or load_queue_config())
+        self.group_id = group_id
+        self.broker = broker or _default_broker
+
+    def __repr__(self) -> str:
+        return f"<MemoryPubSub group_id={self.group_id!r} topics={list(self.topics)}>"
+
+    def _subscribe(self, name: str) -> None:
+        self.broker.join(name, self)
+
+    def _publish(self, name: str, data: bytes) -> None:
+        self.broker.route(name, data)
+
+    def _close(self) -> None:
+        self.broker.leave(self)
