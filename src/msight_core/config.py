@@ -181,6 +181,24 @@ class NatsConfig:
     """Durable at-least-once mode (``MSIGHT_NATS_JETSTREAM``)."""
     connect_timeout: float = 5.0
     name: str | None = None
+    reconnect_wait: float = 0.25
+    """Seconds between reconnect attempts (``MSIGHT_NATS_RECONNECT_WAIT``)."""
+    large_frame_ttl: float = 60.0
+    """Seconds JetStream keeps the chunks of a frame above the server's
+    ``max_payload`` (``MSIGHT_NATS_LARGE_FRAME_TTL``)."""
+    large_frame_store_bytes: int = 1024 * MiB
+    """Bound of the in-memory stream holding those chunks; the oldest frames go
+    first (``MSIGHT_NATS_LARGE_FRAME_STORE_BYTES``)."""
+    stream_max_age: float = 24 * 3600.0
+    """JetStream mode: seconds a topic's stream keeps messages
+    (``MSIGHT_NATS_STREAM_MAX_AGE``)."""
+    stream_max_bytes: int = 0
+    """JetStream mode: bound of a topic's stream, oldest dropped first; 0 for no
+    bound but the age (``MSIGHT_NATS_STREAM_MAX_BYTES``). The server reserves
+    this much storage per topic, so set it only where disk is plentiful."""
+    ack_wait: float = 30.0
+    """JetStream mode: seconds before an unacknowledged message is redelivered
+    (``MSIGHT_NATS_ACK_WAIT``)."""
     queue: QueueConfig = field(default_factory=QueueConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
@@ -188,6 +206,13 @@ class NatsConfig:
         if not self.servers:
             raise ConfigError("NATS servers must not be empty")
         object.__setattr__(self, "servers", tuple(self.servers))
+        for name in ("reconnect_wait", "large_frame_ttl", "stream_max_age", "ack_wait"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"NATS {name} must be a positive number of seconds")
+        if self.large_frame_store_bytes < MiB:
+            raise ConfigError("NATS large_frame_store_bytes must be at least 1 MiB")
+        if self.stream_max_bytes != 0 and self.stream_max_bytes < MiB:
+            raise ConfigError("NATS stream_max_bytes must be 0 (no bound) or at least 1 MiB")
 
 
 @dataclass(frozen=True)
@@ -217,6 +242,14 @@ class KafkaConfig:
     start: str = "latest"
     """Where a group with no committed offset starts: ``earliest`` or ``latest``
     (``MSIGHT_KAFKA_START``)."""
+    ordered: bool = False
+    """Send all of one publisher instance's messages to one topic through one
+    partition, so they arrive in publish order; groups then balance across
+    publishers, not messages (``MSIGHT_KAFKA_ORDERED``). Default: spread
+    messages over partitions (balanced, no order across partitions)."""
+    connect_timeout: float = 10.0
+    """Seconds to wait for the broker before raising ``BrokerUnavailableError``
+    (``MSIGHT_KAFKA_CONNECT_TIMEOUT``)."""
     producer: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     client: Mapping[str, Any] = field(default_factory=dict)
@@ -235,6 +268,8 @@ class KafkaConfig:
             raise ConfigError("Kafka max_message_bytes must be >= 1024")
         if self.start not in ("earliest", "latest"):
             raise ConfigError("Kafka start must be 'earliest' or 'latest'")
+        if not self.connect_timeout > 0:
+            raise ConfigError("Kafka connect_timeout must be > 0")
         for name in ("producer", "consumer", "client"):
             props = dict(getattr(self, name))
             for key, value in props.items():
@@ -477,6 +512,14 @@ def load_nats_config(
         jetstream=e.bool(p + "JETSTREAM", False),
         connect_timeout=e.float(p + "CONNECT_TIMEOUT", 5.0),
         name=e.str(p + "CLIENT_NAME"),
+        reconnect_wait=e.float(p + "RECONNECT_WAIT", NatsConfig.reconnect_wait),
+        large_frame_ttl=e.float(p + "LARGE_FRAME_TTL", NatsConfig.large_frame_ttl),
+        large_frame_store_bytes=e.int(
+            p + "LARGE_FRAME_STORE_BYTES", NatsConfig.large_frame_store_bytes, minimum=MiB
+        ),
+        stream_max_age=e.float(p + "STREAM_MAX_AGE", NatsConfig.stream_max_age),
+        stream_max_bytes=e.int(p + "STREAM_MAX_BYTES", NatsConfig.stream_max_bytes, minimum=0),
+        ack_wait=e.float(p + "ACK_WAIT", NatsConfig.ack_wait),
         queue=load_queue_config(env),
         publish=load_publish_config(env),
     )
@@ -506,6 +549,8 @@ def load_kafka_config(
             p + "MAX_MESSAGE_BYTES", KafkaConfig.max_message_bytes, minimum=1024
         ),
         start=start,
+        ordered=e.bool(p + "ORDERED", False),
+        connect_timeout=e.float(p + "CONNECT_TIMEOUT", KafkaConfig.connect_timeout),
         producer=e.prefixed(p + "PRODUCER_"),
         consumer=e.prefixed(p + "CONSUMER_"),
         client=e.prefixed(p + "CLIENT_"),

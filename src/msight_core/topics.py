@@ -4,17 +4,49 @@ A topic name must be portable across Redis channels, NATS subjects and Kafka
 topics, so that switching ``MSIGHT_PUBSUB_BACKEND`` never breaks a deployment:
 1 to 249 characters of ``A-Za-z0-9._-``, with no empty token between dots
 (Kafka's limit on length and characters, NATS's rule on tokens).
+
+The topic registry lives in Redis as msight-core 2.x keeps it: one hash,
+``MSIGHT:TOPICS``, field = topic name, value = JSON
+``{"name", "description", "data_type"}`` where ``data_type`` is the class path
+(``msight_core.data.image.ImageData``). Reading it never imports anything: the
+type is looked up among registered :class:`~msight_core.data.Data` subclasses.
+NATS/Kafka-only deployments can skip the registry and build ``Topic("name",
+data_type=ImageData)`` directly.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidTopicError
+from .errors import (
+    AuthenticationError,
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigError,
+    InvalidTopicError,
+    MsightError,
+    TopicNotFoundError,
+)
 
-__all__ = ["Topic", "MAX_TOPIC_LENGTH", "topic_name", "validate_topic_name"]
+__all__ = [
+    "MAX_TOPIC_LENGTH",
+    "REDIS_TOPICS_KEY",
+    "Topic",
+    "get_topic",
+    "list_topics",
+    "topic_name",
+    "validate_topic_name",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The Redis hash holding the topic registry (msight-core 2.x's ``REDIS_TOPICS_FIELD``).
+REDIS_TOPICS_KEY = "MSIGHT:TOPICS"
+REDIS_TOPICS_FIELD = REDIS_TOPICS_KEY
 
 MAX_TOPIC_LENGTH = 249
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
@@ -75,7 +107,182 @@ class Topic:
         validate_topic_name(self.name)
         if self.data_type is not None and not isinstance(self.data_type, str):
             # Accept a Data subclass for convenience; store its registered name.
-            object.__setattr__(self, "data_type", getattr(self.data_type, "__name__", None))
+            tag = getattr(self.data_type, "__data_tag__", None)
+            object.__setattr__(self, "data_type", tag or getattr(self.data_type, "__name__", None))
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def data_class(self) -> type | None:
+        """The registered :class:`~msight_core.data.Data` subclass named by
+        ``data_type``, or ``None`` (no type, or not defined in this process)."""
+        return _resolve_type(self.data_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The registry's JSON form: ``name``, ``description``, ``data_type`` (class path)."""
+        cls = self.data_class
+        path = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else self.data_type
+        return {"name": self.name, "description": self.description, "data_type": path}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Topic:
+        """A Topic from its registry form; the type is resolved without importing.
+
+        Raises:
+            InvalidTopicError: ``d`` is not a registry entry with a valid name.
+        """
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise InvalidTopicError("topic registry entry is not an object with a name")
+        data_type = d.get("data_type")
+        if data_type is not None and not isinstance(data_type, str):
+            raise InvalidTopicError("topic registry entry has a non-string data_type")
+        found = _resolve_type(data_type)
+        description = d.get("description")
+        return cls(
+            d["name"],
+            getattr(found, "__data_tag__", None) or data_type,
+            description if isinstance(description, str) else None,
+        )
+
+    def register(self, redis_client: Any = None, overwrite: bool = True) -> None:
+        """Write this topic to the Redis registry (``HSET MSIGHT:TOPICS name json``).
+
+        Blocks for one round trip. Args: ``redis_client`` (default: a client from
+        ``MSIGHT_REDIS_MESSAGE_BROKER_*``, closed afterwards); ``overwrite=False``
+        keeps an existing entry.
+
+        Raises:
+            BrokerUnavailableError: Redis cannot be reached.
+            BrokerError: Redis refused the command.
+        """
+        own = redis_client is None
+        if own:
+            from .utils import get_redis_client
+
+            redis_client = get_redis_client()
+        try:
+            value = json.dumps(self.to_dict())
+            if overwrite:
+                _redis(redis_client.hset, REDIS_TOPICS_KEY, self.name, value)
+            else:
+                _redis(redis_client.hsetnx, REDIS_TOPICS_KEY, self.name, value)
+        finally:
+            if own:
+                redis_client.close()
+
+
+def _resolve_type(name: str | None) -> type | None:
+    """Find a registered Data subclass by tag, by class path, or by last path part."""
+    if name is None:
+        return None
+    from .data import get_data_type, registered_data_types
+
+    found = get_data_type(name)
+    if found is not None:
+        return found
+    for cls in registered_data_types().values():
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            return cls
+    return get_data_type(name.rsplit(".", 1)[-1]) if "." in name else None
+
+
+def _redis(fn: Any, *args: Any) -> Any:
+    """Call a redis-py method, translating its exceptions into ours."""
+    try:
+        return fn(*args)
+    except MsightError:
+        raise
+    except Exception as exc:
+        from redis import exceptions as rex  # a redis-py client implies redis-py
+
+        if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
+            raise AuthenticationError(f"Redis refused the credentials: {exc}") from exc
+        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError)):
+            raise BrokerUnavailableError(f"Redis is unreachable: {exc}") from exc
+        if isinstance(exc, rex.RedisError):
+            raise BrokerError(f"Redis error on the topic registry: {exc}") from exc
+        raise
+
+
+def _load(raw: Any, name: str) -> Topic:
+    try:
+        if isinstance(raw, (bytes, bytearray)):
+            raw = raw.decode("utf-8")
+        return Topic.from_dict(json.loads(raw))
+    except (ValueError, InvalidTopicError) as exc:
+        raise InvalidTopicError(f"registry entry of topic {name!r} is malformed: {exc}") from exc
+
+
+def get_topic(
+    redis_client: Any,
+    topic_name: str,
+    register_if_not_exist: bool = False,
+    data_type: Any = None,
+    description: str | None = None,
+) -> Topic:
+    """Look a topic up in the Redis registry, registering it if asked.
+
+    Registration is atomic (``HSETNX``): when two nodes register the same topic at
+    once, both get the entry that won. Blocks for one or two round trips.
+
+    Args:
+        redis_client: a ``redis.Redis`` (e.g. :func:`msight_core.utils.get_redis_client`).
+        topic_name: the portable topic name.
+        register_if_not_exist: create the entry when it is missing.
+        data_type: the :class:`~msight_core.data.Data` subclass (or its tag) to
+            register; required with ``register_if_not_exist``.
+        description: free text stored with a new entry.
+
+    Raises:
+        InvalidTopicError: the name is not portable, or the stored entry is malformed.
+        TopicNotFoundError: no entry and ``register_if_not_exist`` is false.
+        ConfigError: ``register_if_not_exist`` without ``data_type``.
+        BrokerUnavailableError: Redis cannot be reached.
+        BrokerError: Redis refused a command.
+    """
+    validate_topic_name(topic_name)
+    raw = _redis(redis_client.hget, REDIS_TOPICS_KEY, topic_name)
+    if raw is None:
+        if not register_if_not_exist:
+            raise TopicNotFoundError(
+                f"topic {topic_name!r} is not in the registry ({REDIS_TOPICS_KEY}); pass "
+                "register_if_not_exist=True with a data_type to create it"
+            )
+        if data_type is None:
+            raise ConfigError("data_type is required when register_if_not_exist is True")
+        topic = Topic(topic_name, data_type, description)
+        if _redis(redis_client.hsetnx, REDIS_TOPICS_KEY, topic_name, json.dumps(topic.to_dict())):
+            logger.info("registered topic %r (%s)", topic_name, topic.data_type)
+            return topic
+        raw = _redis(redis_client.hget, REDIS_TOPICS_KEY, topic_name)
+        if raw is None:  # deleted between the two calls: ours is as good as any
+            return topic
+    topic = _load(raw, topic_name)
+    if data_type is not None:
+        wanted = Topic(topic_name, data_type).data_type
+        if topic.data_type != wanted:
+            logger.warning(
+                "topic %r is registered with data type %r, not %r; using the registry's",
+                topic_name,
+                topic.data_type,
+                wanted,
+            )
+    return topic
+
+
+def list_topics(redis_client: Any) -> dict[str, Topic]:
+    """Every topic in the registry, by name (malformed entries are logged and skipped).
+
+    Raises:
+        BrokerUnavailableError: Redis cannot be reached.
+        BrokerError: Redis refused the command.
+    """
+    out: dict[str, Topic] = {}
+    for key, raw in _redis(redis_client.hgetall, REDIS_TOPICS_KEY).items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        try:
+            out[name] = _load(raw, name)
+        except InvalidTopicError as exc:
+            logger.warning("%s", exc)
+    return out

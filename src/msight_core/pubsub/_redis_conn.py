@@ -25,8 +25,6 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = ["Endpoint", "endpoint_from_client", "endpoint_from_config", "connect", "pack_command"]
 
-_RECV_BUFFER = 4 * 1024 * 1024
-
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -117,8 +115,9 @@ def connect(endpoint: Endpoint) -> socket.socket:
         ) from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _RECV_BUFFER)
+        # No SO_RCVBUF: setting it turns off the kernel's autotuning, which can
+        # grow the buffer well past rmem_max and absorb whole camera frames while
+        # the reader thread is descheduled.
         if endpoint.use_tls:
             sock = _wrap_tls(sock, endpoint)
         if endpoint.password is not None:

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 _REPLY_HIGH_WATER = 8192  # read replies once this many are outstanding
 _RECV_CHUNK = 1024 * 1024
 _FEED_SLICE = 16 * 1024
+_BIG_RECV_CHUNK = 16 * 1024 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
 _CLOSE_TIMEOUT = 5.0
 
@@ -404,8 +405,8 @@ class _Subscriber:
     def _drain(self, sock: socket.socket) -> None:
         """Read until the connection fails or the subscriber closes."""
         reader = hiredis.Reader()
-        buf = bytearray(_RECV_CHUNK)
-        view = memoryview(buf)
+        view = memoryview(bytearray(_RECV_CHUNK))
+        big_view: memoryview | None = None
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -428,7 +429,15 @@ class _Subscriber:
                         pass
                     if not any(fd == sock.fileno() for fd, _ in events):
                         continue
-            n = sock.recv_into(view)
+            if small:
+                target = view
+            else:
+                # Inside a big frame: every feed makes hiredis grow its buffer, so
+                # receive in large steps to keep the feeds few.
+                if big_view is None:
+                    big_view = memoryview(bytearray(_BIG_RECV_CHUNK))
+                target = big_view
+            n = sock.recv_into(target)
             if not n:
                 raise ConnectionResetError("connection closed by Redis")
             # hiredis moves its unparsed tail after every reply, so feeding a whole
@@ -439,7 +448,7 @@ class _Subscriber:
             while offset < n:
                 step = _FEED_SLICE if small else n - offset
                 step = min(step, n - offset)
-                reader.feed(view, offset, step)
+                reader.feed(target, offset, step)
                 offset += step
                 produced = False
                 while True:

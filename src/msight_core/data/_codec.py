@@ -1,0 +1,342 @@
+"""The msight Data wire format (private; see :mod:`msight_core.data` for the public API).
+
+A message is::
+
+    fixed header (20 bytes, little-endian)
+        magic      4s   b"\\x89MSD"
+        version    B    1
+        flags      B    0 (reserved)
+        tag_len    H    length of the type tag
+        meta_len   I    length of the metadata
+        n_buffers  I    entries in the buffer table
+        crc32      I    CRC-32 of the header's first 16 bytes, tag, metadata and table
+    tag        UTF-8 type tag (the registered name of the Data subclass)
+    metadata   UTF-8 JSON object: field name -> encoded value
+    table      n_buffers x (offset u64, length u64), offsets from the message start
+    buffers    raw array/bytes payloads, each starting at a 64-byte aligned offset
+
+Scalars, strings, lists and str-keyed dicts are plain JSON. Everything else is a
+one-key-marker JSON object: ``{"$a": i, "d": dtype, "s": shape}`` (numpy array in
+buffer ``i``), ``{"$b": i}`` (bytes), ``{"$t": [...]}`` (tuple), ``{"$d": [[k, v],
+...]}`` (dict with non-str or ``$``-prefixed keys), ``{"$g": dtype, "v": x}`` (numpy
+scalar) and ``{"$D": tag, "f": {...}}`` (nested Data).
+
+Big payloads are never copied into the metadata: serialization joins the header
+and the buffers in one pass (one copy of each array), and deserialization hands
+back ``np.frombuffer`` views over the received bytes (no copy). The CRC protects
+the header and metadata; array contents are not checksummed (the transport's job).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeserializationError, SerializationError
+
+__all__ = ["ALIGN", "MAGIC", "VERSION", "Decoder", "Encoder", "pack", "unpack"]
+
+MAGIC = b"\x89MSD"
+VERSION = 1
+ALIGN = 64
+MAX_DEPTH = 64
+MAX_NDIM = 32
+
+_HEAD = struct.Struct("<4sBBHII")  # first 16 bytes, before the CRC
+_CRC = struct.Struct("<I")
+_HEADER_SIZE = _HEAD.size + _CRC.size
+_ZEROS = bytes(ALIGN)
+
+# (kind, itemsize) pairs whose layout is the same on every platform.
+_DTYPES = {
+    ("b", 1),
+    ("i", 1), ("i", 2), ("i", 4), ("i", 8),
+    ("u", 1), ("u", 2), ("u", 4), ("u", 8),
+    ("f", 2), ("f", 4), ("f", 8),
+    ("c", 8), ("c", 16),
+}  # fmt: skip
+_DTYPE_RE = re.compile(r"([<>|])([biufc])([0-9]{1,2})")
+_MARKERS = {"$a", "$b", "$t", "$d", "$g", "$D"}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _dtype_str(dtype: np.dtype, where: str) -> str:
+    if (dtype.kind, dtype.itemsize) not in _DTYPES or dtype.fields is not None:
+        raise SerializationError(
+            f"{where}: numpy dtype {dtype} is not supported (use bool, int8-64, uint8-64, "
+            "float16/32/64 or complex64/128)"
+        )
+    return dtype.str
+
+
+def _parse_dtype(text: Any) -> np.dtype:
+    if type(text) is not str:
+        raise DeserializationError("array dtype is not a string")
+    match = _DTYPE_RE.fullmatch(text)
+    if match is None or (match[2], int(match[3])) not in _DTYPES:
+        raise DeserializationError(f"array dtype {text[:20]!r} is not allowed")
+    return np.dtype(text)
+
+
+class Encoder:
+    """Turns field values into JSON-able metadata plus a list of raw buffers."""
+
+    __slots__ = ("_data_fields", "buffers")
+
+    def __init__(self, data_fields: Callable[[Any], tuple[str, dict[str, Any]]]) -> None:
+        # data_fields(obj) -> (tag, {field name: value}) for a Data instance, or raises
+        # TypeError when obj is not one.
+        self.buffers: list[memoryview] = []
+        self._data_fields = data_fields
+
+    def fields(self, values: dict[str, Any], where: str, depth: int = 0) -> dict[str, Any]:
+        return {name: self.value(v, f"{where}.{name}", depth + 1) for name, v in values.items()}
+
+    def _buffer(self, mv: memoryview) -> int:
+        self.buffers.append(mv)
+        return len(self.buffers) - 1
+
+    def value(self, v: Any, where: str, depth: int) -> Any:
+        if isinstance(v, _SCALARS) and not isinstance(v, np.generic):
+            if type(v) in _SCALARS:
+                return v
+            # Subclasses (IntEnum, str enums ...) travel as their base value.
+            for base in (bool, int, float, str):
+                if isinstance(v, base):
+                    return base(v)
+        if depth > MAX_DEPTH:
+            raise SerializationError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(v, np.ndarray):
+            dtype = _dtype_str(v.dtype, where)
+            if v.ndim > MAX_NDIM:
+                raise SerializationError(f"{where}: more than {MAX_NDIM} dimensions")
+            flat = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
+            return {"$a": self._buffer(memoryview(flat)), "d": dtype, "s": list(v.shape)}
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            mv = memoryview(v)
+            if not mv.c_contiguous:
+                mv = memoryview(mv.tobytes())
+            return {"$b": self._buffer(mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv)}
+        if isinstance(v, list):
+            return [self.value(x, where, depth + 1) for x in v]
+        if isinstance(v, tuple):
+            return {"$t": [self.value(x, where, depth + 1) for x in v]}
+        if isinstance(v, dict):
+            if all(type(k) is str and not k.startswith("$") for k in v):
+                return {k: self.value(x, f"{where}.{k}", depth + 1) for k, x in v.items()}
+            return {
+                "$d": [
+                    [self._key(k, where, depth + 1), self.value(x, where, depth + 1)]
+                    for k, x in v.items()
+                ]
+            }
+        if isinstance(v, np.generic):
+            dtype = _dtype_str(v.dtype, where)
+            item = v.item()
+            if isinstance(item, complex):
+                item = [item.real, item.imag]
+            return {"$g": dtype, "v": item}
+        try:
+            tag, values = self._data_fields(v)
+        except TypeError:
+            raise SerializationError(
+                f"{where}: cannot serialize a {type(v).__name__} (supported: None, bool, "
+                "int, float, str, bytes, list, tuple, dict, numpy arrays and scalars, Data)"
+            ) from None
+        return {"$D": tag, "f": self.fields(values, where, depth + 1)}
+
+    def _key(self, k: Any, where: str, depth: int) -> Any:
+        if isinstance(k, (np.ndarray, bytes, bytearray, memoryview, list, dict)):
+            raise SerializationError(f"{where}: dict key of type {type(k).__name__}")
+        return self.value(k, where, depth)
+
+
+class Decoder:
+    """Rebuilds values from metadata over the message's buffers (zero-copy arrays)."""
+
+    __slots__ = ("_build", "views")
+
+    def __init__(self, views: list[memoryview], build: Callable[[str, Any, int], Any]) -> None:
+        # build(tag, encoded_fields, depth) -> Data instance for a nested "$D" value.
+        self.views = views
+        self._build = build
+
+    def _view(self, index: Any) -> memoryview:
+        if type(index) is not int or not 0 <= index < len(self.views):
+            raise DeserializationError(f"buffer reference {index!r} out of range")
+        return self.views[index]
+
+    def value(self, v: Any, depth: int) -> Any:
+        t = type(v)
+        if t is list:
+            if depth > MAX_DEPTH:
+                raise DeserializationError(f"nested deeper than {MAX_DEPTH} levels")
+            return [self.value(x, depth + 1) for x in v]
+        if t is not dict:
+            return v  # str, int, float, bool, None: json.loads produces nothing else
+        if depth > MAX_DEPTH:
+            raise DeserializationError(f"nested deeper than {MAX_DEPTH} levels")
+        marker = next((k for k in v if k.startswith("$")), None)
+        if marker is None:
+            return {k: self.value(x, depth + 1) for k, x in v.items()}
+        if marker not in _MARKERS:
+            raise DeserializationError(f"unknown value marker {marker[:20]!r}")
+        if marker == "$a":
+            return self._array(v)
+        if marker == "$b":
+            self._keys(v, {"$b"})
+            return bytes(self._view(v["$b"]))
+        if marker == "$t":
+            self._keys(v, {"$t"})
+            items = v["$t"]
+            if type(items) is not list:
+                raise DeserializationError("tuple value is not a list")
+            return tuple(self.value(x, depth + 1) for x in items)
+        if marker == "$d":
+            self._keys(v, {"$d"})
+            pairs = v["$d"]
+            if type(pairs) is not list:
+                raise DeserializationError("dict value is not a list of pairs")
+            out = {}
+            for pair in pairs:
+                if type(pair) is not list or len(pair) != 2:
+                    raise DeserializationError("dict entry is not a [key, value] pair")
+                key = self.value(pair[0], depth + 1)
+                try:
+                    out[key] = self.value(pair[1], depth + 1)
+                except TypeError:
+                    raise DeserializationError("unhashable dict key") from None
+            return out
+        if marker == "$g":
+            self._keys(v, {"$g", "v"})
+            dtype = _parse_dtype(v["$g"])
+            item = v["v"]
+            if dtype.kind == "c":
+                if type(item) is not list or len(item) != 2:
+                    raise DeserializationError("complex scalar is not [real, imag]")
+                item = complex(float(item[0]), float(item[1]))
+            elif type(item) not in (int, float, bool):
+                raise DeserializationError("numpy scalar value is not a number")
+            return dtype.type(item)
+        self._keys(v, {"$D", "f"})
+        tag = v["$D"]
+        if type(tag) is not str:
+            raise DeserializationError("nested data tag is not a string")
+        return self._build(tag, v["f"], depth + 1)
+
+    @staticmethod
+    def _keys(v: dict[str, Any], expected: set[str]) -> None:
+        if v.keys() != expected:
+            raise DeserializationError(f"malformed {min(expected)} value")
+
+    def _array(self, v: dict[str, Any]) -> np.ndarray:
+        self._keys(v, {"$a", "d", "s"})
+        view = self._view(v["$a"])
+        dtype = _parse_dtype(v["d"])
+        shape = v["s"]
+        if (
+            type(shape) is not list
+            or len(shape) > MAX_NDIM
+            or any(type(n) is not int or n < 0 for n in shape)
+        ):
+            raise DeserializationError("array shape is not a list of non-negative ints")
+        if math.prod(shape) * dtype.itemsize != len(view):
+            raise DeserializationError(
+                f"array of shape {tuple(shape)} and dtype {dtype} does not match its "
+                f"{len(view)}-byte buffer"
+            )
+        return np.frombuffer(view, dtype=dtype).reshape(shape)
+
+
+def pack(tag: str, meta: dict[str, Any], buffers: list[memoryview]) -> bytes:
+    """Build one message: a single allocation, each buffer copied once."""
+    try:
+        tag_b = tag.encode("utf-8")
+        meta_b = json.dumps(
+            meta, separators=(",", ":"), ensure_ascii=False, allow_nan=True, check_circular=False
+        ).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise SerializationError(f"metadata could not be encoded: {exc}") from exc
+    if len(tag_b) > 0xFFFF or len(meta_b) > 0xFFFFFFFF or len(buffers) > 0xFFFFFFFF:
+        raise SerializationError("type tag or metadata too large")
+    table_end = _HEADER_SIZE + len(tag_b) + len(meta_b) + 16 * len(buffers)
+    offsets = []
+    pos = table_end
+    for mv in buffers:
+        pos += -pos % ALIGN
+        offsets.append(pos)
+        pos += mv.nbytes
+    table = struct.pack(
+        f"<{2 * len(buffers)}Q", *(x for o, mv in zip(offsets, buffers) for x in (o, mv.nbytes))
+    )
+    head = _HEAD.pack(MAGIC, VERSION, 0, len(tag_b), len(meta_b), len(buffers))
+    crc = zlib.crc32(table, zlib.crc32(meta_b, zlib.crc32(tag_b, zlib.crc32(head))))
+    parts: list[Any] = [head, _CRC.pack(crc), tag_b, meta_b, table]
+    pos = table_end
+    for offset, mv in zip(offsets, buffers):
+        if offset > pos:
+            parts.append(_ZEROS[: offset - pos])
+        parts.append(mv)
+        pos = offset + mv.nbytes
+    return b"".join(parts)
+
+
+def unpack(data: Any) -> tuple[str, dict[str, Any], list[memoryview]]:
+    """Validate a message and return (tag, metadata, buffer views).
+
+    Raises:
+        TypeError: ``data`` is not bytes-like.
+        DeserializationError: anything wrong with the bytes.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, bytearray or memoryview, got {type(data).__name__}")
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.format != "B" or not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    size = len(mv)
+    if size < _HEADER_SIZE or mv[:4] != MAGIC:
+        hint = ""
+        if size and (0x80 <= mv[0] <= 0x8F or mv[0] in (0xDE, 0xDF)):
+            hint = " (it looks like msgpack: a message from msight-core 2.x?)"
+        raise DeserializationError(f"not an msight Data message{hint}")
+    _magic, version, flags, tag_len, meta_len, n_buf = _HEAD.unpack_from(mv)
+    if version != VERSION:
+        raise DeserializationError(
+            f"unsupported format version {version} (this msight_core reads version {VERSION})"
+        )
+    if flags != 0:
+        raise DeserializationError(f"unsupported format flags {flags:#x}")
+    tag_end = _HEADER_SIZE + tag_len
+    meta_end = tag_end + meta_len
+    table_end = meta_end + 16 * n_buf
+    if table_end > size:
+        raise DeserializationError(f"truncated message ({size} bytes, header needs {table_end})")
+    (crc,) = _CRC.unpack_from(mv, _HEAD.size)
+    if zlib.crc32(mv[_HEADER_SIZE:table_end], zlib.crc32(mv[: _HEAD.size])) != crc:
+        raise DeserializationError("header checksum mismatch (corrupted message)")
+    try:
+        tag = str(mv[_HEADER_SIZE:tag_end], "utf-8")
+        meta = json.loads(str(mv[tag_end:meta_end], "utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DeserializationError(f"corrupted metadata: {exc}") from None
+    if type(meta) is not dict:
+        raise DeserializationError("metadata is not a JSON object")
+    entries = struct.unpack_from(f"<{2 * n_buf}Q", mv, meta_end)
+    views = []
+    end = table_end
+    for i in range(0, 2 * n_buf, 2):
+        offset, length = entries[i], entries[i + 1]
+        if offset < end or offset + length > size:
+            raise DeserializationError("buffer table points outside the message or overlaps")
+        end = offset + length
+        views.append(mv[offset:end])
+    if end != size:
+        raise DeserializationError(f"message length {size} does not match its layout ({end} bytes)")
+    return tag, meta, views

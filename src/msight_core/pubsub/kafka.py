@@ -1,0 +1,213 @@
+"""Kafka backend: durable, at-least-once, consumer groups (confluent-kafka).
+
+``KafkaPubSub(get_kafka_config(group_id=...))`` as in the seeds.
+
+Publishing
+    An idempotent ``acks=all`` producer; ``publish()`` hands the record to
+    librdkafka, which batches and sends in the background (no flush per
+    message). A failed delivery raises :class:`~msight_core.errors.PublishError`
+    (naming the topic) from a later ``publish()``, ``flush()`` or ``close()``.
+    While the broker is unreachable, librdkafka buffers up to
+    ``PublishConfig.buffer_bytes``; then ``publish()`` waits up to
+    ``PublishConfig.timeout`` and raises ``BackpressureError``.
+
+Topics
+    Missing topics are created on first use with ``num_partitions`` partitions
+    and ``max.message.bytes = max_message_bytes`` (64 MiB by default), so large
+    frames travel as single records. For topics that exist with a smaller limit
+    (1 MB is the Kafka default) larger frames are split into chunks sent to one
+    partition in order, and reassembled by msight subscribers. Frames within the
+    limit are plain records: their value is exactly the published bytes.
+
+Ordering
+    By default each message picks its partition on its own (balanced groups,
+    even with a single publisher), so order holds within a partition only.
+    With ``KafkaConfig.ordered`` (``MSIGHT_KAFKA_ORDERED=true``) all of one
+    publisher instance's messages to a topic use one partition and arrive in
+    publish order; a group then balances across publishers.
+
+Subscribing
+    With a ``group_id`` the members share partitions (each message to one
+    member); without one every instance gets every message. ``subscribe()``
+    returns once partitions are assigned and positioned, so messages published
+    afterwards are delivered. An offset is committed only after the application
+    has taken the message from ``listen()`` and come back for the next one
+    (and on ``close()``), so a crashed subscriber gets the unprocessed messages
+    again. A full receive queue pauses the partitions instead of dropping:
+    the configured overflow policy is not used (Kafka keeps the backlog).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from typing import Any
+
+from ..config import KafkaConfig, OverflowPolicy, load_kafka_config
+from ..errors import ConfigError, MsightError
+from ._core import Delivery, QueueBackend
+from ._kafka_conf import TopicAdmin, translate
+from ._kafka_consumer import KafkaReader
+from ._kafka_producer import KafkaWriter
+from .base import Capabilities
+
+__all__ = ["KafkaPubSub"]
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaPubSub(QueueBackend):
+    """Kafka pub/sub: persistent, at-least-once, consumer groups.
+
+    Args:
+        config: settings; ``None`` reads ``MSIGHT_KAFKA_*`` from the environment.
+
+    No connection is made until the first ``subscribe()`` or ``publish()``.
+    ``publish()`` is thread-safe; ``listen()``/``receive()`` serve one thread.
+
+    Raises:
+        ConfigError: a librdkafka property in the config is invalid.
+    """
+
+    capabilities = Capabilities(
+        broadcast=True, groups=True, persistent=True, ordered=False, max_payload=None
+    )
+
+    def __init__(self, config: KafkaConfig | None = None) -> None:
+        if config is None:
+            config = load_kafka_config()
+        if not isinstance(config, KafkaConfig):
+            raise TypeError(f"config must be a KafkaConfig, got {type(config).__name__}")
+        # Kafka keeps the backlog: a full queue pauses fetching instead of dropping.
+        queue = dataclasses.replace(config.queue, overflow=OverflowPolicy.BLOCK)
+        super().__init__(queue)
+        self.config = config
+        self._admin = TopicAdmin(config)
+        self._writer: KafkaWriter | None = None
+        self._reader: KafkaReader | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        group = f" group={self.config.group_id!r}" if self.config.group_id else ""
+        servers = ",".join(self.config.servers)
+        return f"<KafkaPubSub {servers}{group} {state} topics={list(self.topics)}>"
+
+    # -- QueueBackend -------------------------------------------------------------------
+
+    def _subscribe(self, name: str) -> None:
+        try:
+            try:
+                _, created = self._admin.ensure_topic(name)
+            except MsightError as exc:
+                if not isinstance(exc, ConfigError) and "creating topic" in str(exc):
+                    # Not allowed to create it: wait for it to appear instead.
+                    logger.warning("%s; waiting for the topic to appear", exc)
+                    created = True
+                else:
+                    raise
+            if self._reader is None:
+                self._reader = KafkaReader(self.config, self._queue)
+            self._reader.subscribe(name, created)
+        except MsightError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"subscribing to {name!r}") from exc
+
+    def _publish(self, name: str, data: bytes) -> None:
+        writer = self._writer
+        if writer is None:
+            writer = self._make_writer()
+        writer.publish(name, data)
+
+    def _make_writer(self) -> KafkaWriter:
+        with self._state_lock:
+            if self._writer is None:
+                self._writer = KafkaWriter(self.config, self._admin)
+            return self._writer
+
+    def _flush(self, timeout: float | None) -> None:
+        if self._writer is not None:
+            self._writer.flush(timeout)
+
+    def _ack(self, delivery: Delivery) -> None:
+        reader = self._reader
+        if reader is not None and delivery.token is not None:
+            reader.ack(delivery.topic, delivery.token)
+
+    def _next(self, timeout: float | None) -> Delivery | None:
+        while True:
+            item = super()._next(timeout)
+            reader = self._reader
+            if item is None or reader is None or reader.current(item.topic, item.token):
+                return item
+            # Its partition was revoked or rewound: the new owner/position re-delivers it.
+            self._in_hand = None
+            self.delivered -= 1
+
+    def _close(self) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+
+    # -- Kafka extras -------------------------------------------------------------------
+
+    def replay(self, topic: Any, start: str | float | datetime.datetime) -> int:
+        """Move this instance's partitions of ``topic`` to a new position.
+
+        Args:
+            topic: a subscribed topic (``Topic`` or name).
+            start: ``"earliest"``, ``"latest"``, an ``int`` offset (the same in
+                every assigned partition), or a timestamp (``float`` seconds since
+                the epoch or an aware ``datetime``): the first message at or after it.
+
+        Returns:
+            The number of partitions moved (0 if none of the topic is assigned here).
+
+        Messages of the old position still queued locally are discarded. Blocks
+        for one broker round trip.
+
+        Raises:
+            ConfigError: ``start`` is not one of the accepted forms.
+            RuntimeError: ``topic`` is not subscribed.
+            BrokerUnavailableError: the broker did not answer.
+        """
+        name = self._name(topic)
+        self._check_open()
+        if name not in self.topics or self._reader is None:
+            raise RuntimeError(f"replay({name!r}): subscribe to the topic first")
+        if isinstance(start, datetime.datetime):
+            if start.tzinfo is None:
+                raise ConfigError("replay(): use a timezone-aware datetime")
+            start = start.timestamp()
+        if isinstance(start, bool) or not isinstance(start, (str, int, float)):
+            raise ConfigError(f"replay(): unsupported start {type(start).__name__}")
+        if isinstance(start, str) and start not in ("earliest", "latest"):
+            raise ConfigError("replay(): start must be 'earliest', 'latest', an offset or a time")
+        if isinstance(start, int) and start < 0:
+            raise ConfigError("replay(): an offset must be >= 0")
+        try:
+            return self._reader.replay(name, start)
+        except MsightError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"replaying {name!r}") from exc
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: delivered/queued (base), published, delivery failures, frames."""
+        out = super().stats()
+        if self._writer is not None:
+            out.update(
+                published=self._writer.published,
+                chunked_frames_sent=self._writer.chunked_frames,
+                delivery_failures=self._writer.failed_total,
+            )
+        if self._reader is not None:
+            out.update(
+                rebalances=self._reader.rebalances,
+                incomplete_frames_dropped=self._reader.incomplete_frames_dropped,
+            )
+        return out

@@ -1,0 +1,49 @@
+"""Pytest fixtures: real brokers on free loopback ports, unique topics.
+
+Registered automatically when msight-core is installed (``pytest11`` entry
+point). Session-scoped brokers are shared by all tests; tests that kill or
+restart a broker should start their own with :mod:`msight_core.testing.brokers`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from .brokers import KafkaServer, NatsServer, RedisServer
+
+__all__ = ["redis_server", "nats_server", "kafka_server", "unique_topic"]
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis/Valkey server for the whole session."""
+    with RedisServer() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A nats-server with JetStream on and the default 1 MB ``max_payload``."""
+    with NatsServer(jetstream=True) as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> Iterator[KafkaServer]:
+    """A tansu (Kafka protocol) broker with memory storage."""
+    with KafkaServer() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> str:
+    """A topic name no other test uses (valid on every broker)."""
+    stem = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60].strip("-")
+    return f"t.{stem or 'test'}.{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:6]}"

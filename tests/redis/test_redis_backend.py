@@ -1,0 +1,230 @@
+"""Redis-specific behaviour on real servers: wire format, speed, limits, outages, auth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+
+from msight_core.config import OverflowPolicy, PublishConfig, QueueConfig, load_redis_config
+from msight_core.errors import (
+    AuthenticationError,
+    BackpressureError,
+    BrokerUnavailableError,
+    ConfigError,
+)
+from msight_core.pubsub import RedisPubSub, get_pubsub
+from msight_core.testing.brokers import RedisServer, free_port
+from msight_core.testing.conformance import collect
+from msight_core.utils import get_redis_client
+
+MiB = 1024 * 1024
+
+
+def _backend(server: Any, **overrides: Any) -> RedisPubSub:
+    return RedisPubSub(load_redis_config(server.env(), **overrides))
+
+
+def _run_publisher(port: int, topic: str, count: int, size: int, rate: float) -> subprocess.Popen[str]:
+    """A publisher in its own process, as in production (pacing in small batches)."""
+    code = textwrap.dedent(
+        f"""
+        import time
+        from msight_core.config import load_redis_config
+        from msight_core.pubsub import RedisPubSub
+        pub = RedisPubSub(load_redis_config({{"MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
+                                             "MSIGHT_REDIS_MESSAGE_BROKER_PORT": "{port}"}}))
+        payload = bytes({size})
+        step = max(1, int({rate} / 200))
+        start = time.perf_counter()
+        for i in range({count}):
+            pub.publish("{topic}", payload)
+            if (i + 1) % step == 0:
+                time.sleep(max(0.0, start + (i + 1) / {rate} - time.perf_counter()))
+        pub.flush(60)
+        print(pub.stats()["published"], flush=True)
+        pub.close()
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_seed_example_unchanged(redis_server: Any, monkeypatch: pytest.MonkeyPatch, unique_topic: str) -> None:
+    for key, value in redis_server.env().items():
+        monkeypatch.setenv(key, value)
+    from msight_core.pubsub import RedisPubSub as SeedRedisPubSub
+    from msight_core.topics import Topic
+    from msight_core.utils import get_redis_client as seed_client
+
+    pubsub = SeedRedisPubSub(seed_client())
+    topic = Topic(unique_topic)
+    pubsub.subscribe(topic)
+    other = SeedRedisPubSub(seed_client())
+    other.publish(topic, b"serialized")
+    other.flush()
+    for message in pubsub.listen():
+        assert message == b"serialized"
+        break
+    pubsub.close()
+    other.close()
+
+
+def test_get_pubsub_defaults_to_redis(redis_server: Any) -> None:
+    env = {k: v for k, v in redis_server.env().items() if k != "MSIGHT_PUBSUB_BACKEND"}
+    backend = get_pubsub(env=env)
+    assert isinstance(backend, RedisPubSub)
+    backend.close()
+    with pytest.raises(ConfigError, match="valid: redis, nats, kafka, memory"):
+        get_pubsub(env={"MSIGHT_PUBSUB_BACKEND": "mqtt"})
+
+
+def test_payload_is_raw_bytes_on_the_wire(redis_server: Any, unique_topic: str) -> None:
+    client = get_redis_client(load_redis_config(redis_server.env()))
+    plain = client.pubsub()
+    plain.subscribe(unique_topic)
+    assert plain.get_message(timeout=5)["type"] == "subscribe"
+    payload = bytes(range(256)) * 3
+    with _backend(redis_server) as pub:
+        pub.publish(unique_topic, payload)
+        pub.flush()
+    message = plain.get_message(timeout=5)
+    assert message["type"] == "message" and message["data"] == payload
+    plain.close()
+
+
+def test_drains_100k_messages_per_second_without_loss(redis_server: Any, unique_topic: str) -> None:
+    sub = _backend(redis_server)
+    sub.subscribe(unique_topic)
+    count = 150_000
+    publisher = _run_publisher(redis_server.port, unique_topic, count, 1024, 100_000)
+    got = 0
+    deadline = time.monotonic() + 60
+    while got < count and time.monotonic() < deadline:
+        if sub.receive(2.0) is None and publisher.poll() is not None:
+            break
+        got += 1
+    publisher.wait(30)
+    stats = sub.stats()
+    sub.close()
+    assert got == count, stats
+    assert stats.get("subscriber_reconnects", 0) == 0
+
+
+def test_16mb_frames_at_30hz_without_disconnect(redis_server: Any, unique_topic: str) -> None:
+    sub = _backend(redis_server)
+    sub.subscribe(unique_topic)
+    count = 60
+    publisher = _run_publisher(redis_server.port, unique_topic, count, 16 * MiB, 30)
+    got = 0
+    deadline = time.monotonic() + 60
+    while got < count and time.monotonic() < deadline:
+        message = sub.receive(3.0)
+        if message is None:
+            break
+        assert len(message.data) == 16 * MiB
+        got += 1
+    publisher.wait(30)
+    stats = sub.stats()
+    sub.close()
+    assert got == count, stats
+    assert stats.get("subscriber_reconnects", 0) == 0
+
+
+def test_slow_application_keeps_bounded_memory_and_counts_drops(
+    redis_server: Any, unique_topic: str
+) -> None:
+    sub = _backend(redis_server, queue=QueueConfig(max_messages=50, overflow=OverflowPolicy.DROP_OLDEST))
+    sub.subscribe(unique_topic)
+    with _backend(redis_server) as pub:
+        for i in range(500):
+            pub.publish(unique_topic, b"%04d" % i)
+        pub.flush()
+    deadline = time.monotonic() + 10
+    while sum(sub.stats()["dropped"].values()) < 450 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sub.stats()["dropped"] == {unique_topic: 450}
+    assert [m.data for m in collect(sub, 50, 5)] == [b"%04d" % i for i in range(450, 500)]
+    sub.close()
+
+
+def test_recovers_after_broker_restart(unique_topic: str) -> None:
+    with RedisServer() as server:
+        config = load_redis_config(server.env(), publish=PublishConfig(timeout=10))
+        sub, pub = RedisPubSub(config), RedisPubSub(config)
+        sub.subscribe(unique_topic)
+        pub.publish(unique_topic, b"before")
+        pub.flush()
+        assert [m.data for m in collect(sub, 1, 5)] == [b"before"]
+        server.restart(kill=True)
+        back = time.monotonic()
+        # Publishing during recovery is buffered, never raises; keep publishing until the
+        # resubscribed subscriber sees messages again.
+        seen: list[bytes] = []
+        i = 0
+        while not seen and time.monotonic() - back < 10:
+            pub.publish(unique_topic, b"after-%d" % i)
+            i += 1
+            message = sub.receive(0.05)
+            if message is not None:
+                seen.append(message.data)
+        assert seen, "delivery did not resume"
+        assert time.monotonic() - back < 2.5, "delivery must resume within ~2 s of the broker's return"
+        assert sub.stats()["subscriber_reconnects"] == 1
+        sub.close()
+        pub.close()
+
+
+def test_publish_during_outage_is_bounded_then_typed_error(unique_topic: str) -> None:
+    server = RedisServer()
+    server.start()
+    try:
+        pub = _backend(server, publish=PublishConfig(buffer_bytes=1 * MiB, timeout=1.0))
+        pub.publish(unique_topic, b"warm-up")
+        pub.flush()
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(BackpressureError, match="buffer full"):
+            for _ in range(100):
+                pub.publish(unique_topic, bytes(64 * 1024))
+        assert time.monotonic() - started < 5
+        with pytest.raises(BackpressureError):
+            pub.flush(0.5)
+        started = time.monotonic()
+        pub.close()  # bounded even though the broker is gone
+        assert time.monotonic() - started < 15
+    finally:
+        server.close()
+
+
+def test_unreachable_broker_is_a_quick_typed_error(unique_topic: str) -> None:
+    backend = RedisPubSub(
+        load_redis_config({"MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
+                           "MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(free_port())})
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError):
+        backend.subscribe(unique_topic)
+    assert time.monotonic() - started < 6
+    backend.close()
+
+
+def test_password_auth(unique_topic: str) -> None:
+    secret = "pw-" + unique_topic[-12:]
+    with RedisServer(password=secret) as server:
+        good = RedisPubSub(load_redis_config(server.env()))
+        good.subscribe(unique_topic)
+        with RedisPubSub(load_redis_config(server.env())) as pub:
+            pub.publish(unique_topic, b"authed")
+        assert [m.data for m in collect(good, 1, 5)] == [b"authed"]
+        good.close()
+        wrong = dict(server.env(), MSIGHT_REDIS_MESSAGE_BROKER_PASSWORD="wrong-" + secret)
+        bad = RedisPubSub(load_redis_config(wrong))
+        with pytest.raises(AuthenticationError) as info:
+            bad.subscribe(unique_topic)
+        assert secret not in str(info.value) and "wrong-" not in str(info.value)
+        assert secret not in repr(bad)
+        bad.close()

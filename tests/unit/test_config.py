@@ -1,0 +1,157 @@
+"""Configuration parsing: one reader of the environment, typed errors, masked secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from msight_core.config import (
+    KafkaConfig,
+    OverflowPolicy,
+    Secret,
+    backend_name,
+    load_kafka_config,
+    load_nats_config,
+    load_queue_config,
+    load_redis_config,
+    parse_bool,
+    parse_server_list,
+)
+from msight_core.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("['nats://localhost:4222']", ("nats://localhost:4222",)),
+        ('["a:1", "b:2"]', ("a:1", "b:2")),
+        ("['a:1', 'b:2',]", ("a:1", "b:2")),
+        ("a:1,b:2", ("a:1", "b:2")),
+        ("  a:1 ,  b:2  ", ("a:1", "b:2")),
+        ("localhost:9092", ("localhost:9092",)),
+        ("[ 'tls://h:1' ]", ("tls://h:1",)),
+    ],
+)
+def test_server_lists(text: str, expected: tuple[str, ...]) -> None:
+    assert parse_server_list(text, "X") == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[]", "['a:1'", "a:1]", "['a:1',,'b:2']", "['a b']", "__import__('os')", "['a'+'b']", ","],
+)
+def test_malformed_server_lists_name_the_variable(text: str) -> None:
+    with pytest.raises(ConfigError, match="MSIGHT_NATS_SERVERS"):
+        load_nats_config(env={"MSIGHT_NATS_SERVERS": text})
+
+
+def test_server_list_is_never_evaluated() -> None:
+    with pytest.raises(ConfigError):
+        parse_server_list("[__import__('os').system('false')]", "X")
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "on"])
+def test_true_values(value: str) -> None:
+    assert parse_bool(value) is True
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", "off", "False"])
+def test_false_values(value: str) -> None:
+    assert parse_bool(value) is False
+
+
+def test_bad_bool_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS"):
+        load_redis_config(env={"MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS": "maybe"})
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "-1", "6379.5"])
+def test_bad_port(port: str) -> None:
+    with pytest.raises(ConfigError, match="MSIGHT_REDIS_MESSAGE_BROKER_PORT"):
+        load_redis_config(env={"MSIGHT_REDIS_MESSAGE_BROKER_PORT": port})
+
+
+def test_redis_defaults_and_values() -> None:
+    assert load_redis_config(env={}).host == "localhost"
+    config = load_redis_config(
+        env={
+            "MSIGHT_REDIS_MESSAGE_BROKER_HOST": "redis.local",
+            "MSIGHT_REDIS_MESSAGE_BROKER_PORT": "6380",
+            "MSIGHT_REDIS_MESSAGE_BROKER_DB": "2",
+            "MSIGHT_REDIS_MESSAGE_BROKER_USERNAME": "edge",
+            "MSIGHT_REDIS_MESSAGE_BROKER_PASSWORD": "hunter2-redis",
+            "MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER": "true",
+            "MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES": "['a:7000', 'b:7001']",
+        }
+    )
+    assert (config.host, config.port, config.db, config.username) == ("redis.local", 6380, 2, "edge")
+    assert config.password is not None and config.password.reveal() == "hunter2-redis"
+    assert config.use_cluster and config.cluster_nodes == ("a:7000", "b:7001")
+    assert "hunter2-redis" not in repr(config) and "hunter2-redis" not in str(config)
+
+
+def test_secrets_never_show() -> None:
+    secret = Secret("s3cr3t-value")
+    assert "s3cr3t" not in repr(secret) + str(secret) + f"{secret}" + f"{secret!r}"
+    env = {
+        "MSIGHT_NATS_PASSWORD": "nats-pass-123",
+        "MSIGHT_NATS_TOKEN": "nats-token-456",
+        "MSIGHT_NATS_NKEY_SEED": "SUAXXXXSEED",
+        "MSIGHT_NATS_USER_JWT": "eyJwt-789",
+    }
+    text = repr(load_nats_config(env=env))
+    for value in env.values():
+        assert value not in text
+    kafka = load_kafka_config(
+        env={
+            "MSIGHT_KAFKA_SASL_PASSWORD": "kafka-pass-000",
+            "MSIGHT_KAFKA_CLIENT_SSL_KEY_PASSWORD": "passthrough-secret",
+        }
+    )
+    assert "kafka-pass-000" not in repr(kafka)
+    assert "passthrough-secret" not in repr(kafka)
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(secret)
+
+
+def test_kafka_pass_through() -> None:
+    config = load_kafka_config(
+        "grp",
+        env={
+            "MSIGHT_KAFKA_SERVERS": "['k1:9092', 'k2:9092']",
+            "MSIGHT_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
+            "MSIGHT_KAFKA_PRODUCER_LINGER_MS": "5",
+            "MSIGHT_KAFKA_CLIENT_CLIENT_ID": "edge-1",
+        },
+    )
+    assert config.group_id == "grp"
+    assert config.servers == ("k1:9092", "k2:9092")
+    assert config.consumer["session.timeout.ms"] == "6000"
+    assert config.producer["linger.ms"] == "5"
+    assert config.client["client.id"] == "edge-1"
+    assert isinstance(KafkaConfig(producer={"sasl.password": "x"}).producer["sasl.password"], Secret)
+
+
+def test_backend_name() -> None:
+    assert backend_name({}) == "redis"
+    assert backend_name({"MSIGHT_PUBSUB_BACKEND": " NATS "}) == "nats"
+    with pytest.raises(ConfigError, match="redis, nats, kafka, memory"):
+        backend_name({"MSIGHT_PUBSUB_BACKEND": "rabbitmq"})
+
+
+def test_queue_config() -> None:
+    config = load_queue_config(
+        {"MSIGHT_QUEUE_MAX_MESSAGES": "10", "MSIGHT_QUEUE_OVERFLOW": "DROP_NEWEST"}
+    )
+    assert config.max_messages == 10 and config.overflow is OverflowPolicy.DROP_NEWEST
+    with pytest.raises(ConfigError, match="MSIGHT_QUEUE_OVERFLOW"):
+        load_queue_config({"MSIGHT_QUEUE_OVERFLOW": "explode"})
+    with pytest.raises(ConfigError, match="MSIGHT_QUEUE_MAX_BYTES"):
+        load_queue_config({"MSIGHT_QUEUE_MAX_BYTES": "0"})
+
+
+def test_overrides_and_unknown_override() -> None:
+    assert load_nats_config(env={}, jetstream=True).jetstream is True
+    with pytest.raises(ConfigError):
+        load_nats_config(env={}, no_such_field=1)
