@@ -247,7 +247,7 @@ def test_tag_collision_is_refused_but_redefinition_replaces() -> None:
     with pytest.raises(TypeError, match="already used"):
 
         @dataclass
-        class ImageData(Data):  # noqa: F811 - the point of the test
+        class ImageData(Data):
             y: int = 0
 
 

@@ -31,7 +31,9 @@ class FuzzRecord(Data, tag="test_data_fuzz.record"):
 def _valid_messages() -> list[bytes]:
     rng = np.random.default_rng(3)
     return [
-        SensorData(sensor_name="camera1", frame_id=12345, metadata={"k": [1, 2.5, None]}).serialize(),
+        SensorData(
+            sensor_name="camera1", frame_id=12345, metadata={"k": [1, 2.5, None]}
+        ).serialize(),
         ImageData(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8), sensor_name="c").serialize(),
         ImageData(b"\xff\xd8jpeg", format="jpeg").serialize(),
         PointCloudData(rng.random((7, 4), dtype=np.float32)).serialize(),
@@ -77,7 +79,9 @@ def _decode_or_error(payload: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(values, st.one_of(st.none(), arrays), st.dictionaries(st.text(max_size=5), values, max_size=3))
+@given(
+    values, st.one_of(st.none(), arrays), st.dictionaries(st.text(max_size=5), values, max_size=3)
+)
 def test_random_values_round_trip(value: Any, array: Any, extra: dict) -> None:
     record = FuzzRecord(value=value, array=array, extra=extra)
     back = Data.deserialize(record.serialize())

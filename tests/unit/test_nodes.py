@@ -145,7 +145,9 @@ def test_pipeline_with_a_group_of_processors(broker: MemoryBroker, threads: list
     for node in (sink, *workers):
         threads.append((node, spin_in_thread(node)))
         assert node.ready.wait(TIMEOUT)
-    camera = Camera(cfg("cam", publish_topic_name="frames", rate=500, sensor_name="cam1"), mem(broker))
+    camera = Camera(
+        cfg("cam", publish_topic_name="frames", rate=500, sensor_name="cam1"), mem(broker)
+    )
     camera.spin(life_span=60, handle_signals=False)
     assert camera.pubsub.closed and camera.stats.snapshot()["published"] == 60
 
@@ -166,7 +168,14 @@ def test_source_rate_life_span_gap_and_stamping(broker: MemoryBroker, threads: l
     threads.append((sink, spin_in_thread(sink)))
     assert sink.ready.wait(TIMEOUT)
     camera = Camera(
-        cfg("cam", publish_topic_name="frames", rate=50, gap=1, sensor_name="cam7", device_name="edge1"),
+        cfg(
+            "cam",
+            publish_topic_name="frames",
+            rate=50,
+            gap=1,
+            sensor_name="cam7",
+            device_name="edge1",
+        ),
         mem(broker),
     )
     started = time.monotonic()
@@ -183,7 +192,9 @@ def test_continue_policy_logs_counts_and_goes_on(
     broker: MemoryBroker, threads: list, caplog: pytest.LogCaptureFixture
 ) -> None:
     det = Detector(
-        cfg("det", subscribe_topic_name="frames", publish_topic_name="d", action_on_error="continue"),
+        cfg(
+            "det", subscribe_topic_name="frames", publish_topic_name="d", action_on_error="continue"
+        ),
         mem(broker),
         fail_on={2, 4},
     )
@@ -299,7 +310,10 @@ def test_config_merging_and_validation(broker: MemoryBroker) -> None:
     with pytest.raises(ConfigError, match="subscribe_topic_name"):
         Collector(NodeConfig(name="c"), mem(broker))
     with pytest.raises(ConfigError, match="registered tag"):
-        Collector(NodeConfig(name="c", subscribe_topic_name="t", subscribe_topic_data_type="Nope"), mem(broker))
+        Collector(
+            NodeConfig(name="c", subscribe_topic_name="t", subscribe_topic_data_type="Nope"),
+            mem(broker),
+        )
     with pytest.raises(ConfigError, match="logging level"):
         Camera(NodeConfig(name="c", publish_topic_name="t", logging_level="LOUD"), mem(broker))
     assert "name='c'" in repr(NodeConfig(name="c"))

@@ -81,7 +81,11 @@ def test_registry_wins_over_requested_type(
 
 
 def test_entries_written_by_msight_core_2(client: Any, unique_topic: str) -> None:
-    entry = {"name": unique_topic, "description": None, "data_type": "msight_core.data.base.SensorData"}
+    entry = {
+        "name": unique_topic,
+        "description": None,
+        "data_type": "msight_core.data.base.SensorData",
+    }
     client.hset(REDIS_TOPICS_KEY, unique_topic, json.dumps(entry))
     assert get_topic(client, unique_topic).data_class is SensorData
     # A class this process does not know: kept as text, never imported.

@@ -34,6 +34,7 @@ __all__ = ["Delivery", "ReceiveQueue", "QueueBackend", "State", "check_payload"]
 logger = logging.getLogger("msight_core.pubsub")
 
 _DROP_LOG_INTERVAL = 5.0
+_BATCH_BYTES = 1024 * 1024
 
 
 class Delivery(NamedTuple):
@@ -159,8 +160,12 @@ class ReceiveQueue:
 
     # -- consumer side (listen) ---------------------------------------------------
 
-    def get(self, timeout: float | None = None) -> Any:
-        """Next delivery, ``None`` on timeout, or the ``_CLOSED`` sentinel."""
+    def get_many(self, timeout: float | None = None, limit: int = 256) -> Any:
+        """Up to ``limit`` deliveries in order; ``[]`` on timeout; ``_CLOSED`` when closed.
+
+        Taking a batch per lock acquisition keeps the consumer's cost per message
+        low enough to follow 100k msg/s.
+        """
         with self._cond:
             if not self._items:
                 deadline = None if timeout is None else time.monotonic() + timeout
@@ -175,15 +180,30 @@ class ReceiveQueue:
                     else:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
-                            return None
+                            return []
                         self._cond.wait(remaining)
             if self._closed:
                 return _CLOSED
-            item = self._items.popleft()
-            self._bytes -= len(item.data)
+            # Batches stay small in bytes too, so big frames are still handed out
+            # one at a time and the queue's byte bound keeps meaning something.
+            items = self._items
+            batch = [items.popleft()]
+            size = len(batch[0].data)
+            while items and len(batch) < limit and size < _BATCH_BYTES:
+                item = items.popleft()
+                size += len(item.data)
+                batch.append(item)
+            self._bytes -= size
             if self.config.overflow is OverflowPolicy.BLOCK:
                 self._cond.notify_all()
-            return item
+            return batch
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Next delivery, ``None`` on timeout, or the ``_CLOSED`` sentinel."""
+        batch = self.get_many(timeout, 1)
+        if batch is _CLOSED:
+            return _CLOSED
+        return batch[0] if batch else None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -203,6 +223,9 @@ class QueueBackend(PubSubBackend):
         self._state = State.OPEN
         self._state_lock = threading.RLock()
         self._in_hand: Delivery | None = None
+        # Deliveries taken from the queue in one batch, handed out one by one.
+        self._local: deque[Delivery] = deque()
+        self._batch_limit = 256
         self.delivered = 0
 
     # -- the seed contract --------------------------------------------------------
@@ -280,7 +303,7 @@ class QueueBackend(PubSubBackend):
         """Counters for the application: delivered, queued, dropped per topic."""
         return {
             "delivered": self.delivered,
-            "queued": len(self._queue),
+            "queued": len(self._queue) + len(self._local),
             "queued_bytes": self._queue.nbytes,
             "dropped": dict(self._queue.dropped),
         }
@@ -309,9 +332,15 @@ class QueueBackend(PubSubBackend):
         previous, self._in_hand = self._in_hand, None
         if previous is not None and previous.token is not None:
             self._ack(previous)
-        item = self._queue.get(timeout)
-        if item is None or item is _CLOSED:
+        local = self._local
+        if not local:
+            batch = self._queue.get_many(timeout, self._batch_limit)
+            if batch is _CLOSED or not batch:
+                return None
+            local.extend(batch)
+        elif self._state is not State.OPEN:
             return None
+        item = local.popleft()
         self._in_hand = item
         self.delivered += 1
         return item
@@ -322,6 +351,7 @@ class QueueBackend(PubSubBackend):
                 return
             self._state = State.CLOSED
         self._queue.close()
+        self._local.clear()
         in_hand, self._in_hand = self._in_hand, None
         try:
             if commit_in_hand and in_hand is not None and in_hand.token is not None:

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 __all__ = ["PubSubBackend", "Capabilities", "Message"]
 
@@ -43,8 +43,7 @@ class Capabilities:
     max_payload: int | None = None
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """One received message: the topic it came from and its payload bytes."""
 
     topic: str
