@@ -4,9 +4,9 @@ Measures, for 1 KB messages (by default):
 
 * publish rate: ``publish()`` N messages then ``flush()`` (raw: ``await
   nc.publish()`` N times then ``await nc.flush()``);
-* delivered rate: N messages from first publish until a subscriber in the same
-  process has received the last one (raw: a nats-py callback subscriber;
-  msight: ``receive()`` on an application thread);
+* delivered rate: N messages from first publish until a subscriber in another
+  process (as in a deployment) has received the last one (raw: a nats-py
+  callback subscriber; msight: ``listen()`` on the application thread);
 * drops: nats-py slow-consumer errors and msight receive-queue drops.
 
 Usage::
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import statistics
 import threading
 import time
 import uuid
+from typing import Any
 
 import nats
 
@@ -33,81 +35,104 @@ from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 
 
-async def _raw_round(url: str, count: int, payload: bytes) -> tuple[float, float, int]:
-    subject = f"bench.raw.{uuid.uuid4().hex[:8]}"
-    slow = 0
+def _raw_subscriber(url: str, subject: str, count: int, ready: Any, out: Any) -> None:
+    async def run() -> None:
+        slow = 0
+        received = 0
+        done = asyncio.Event()
 
-    async def on_error(exc: Exception) -> None:
-        nonlocal slow
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            slow += 1
+        async def on_error(exc: Exception) -> None:
+            nonlocal slow
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                slow += 1
 
-    sub_nc = await nats.connect(url, error_cb=on_error)
-    pub_nc = await nats.connect(url, error_cb=on_error)
-    done = asyncio.Event()
+        async def on_msg(msg: object) -> None:
+            nonlocal received
+            received += 1
+            if received == count:
+                done.set()
+
+        nc = await nats.connect(url, error_cb=on_error)
+        await nc.subscribe(
+            subject, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+        )
+        await nc.flush()
+        ready.set()
+        try:
+            await asyncio.wait_for(done.wait(), 120)
+        except asyncio.TimeoutError:
+            pass
+        out.put((time.monotonic(), received, slow))
+        await nc.close()
+
+    asyncio.run(run())
+
+
+def _msight_subscriber(env: dict[str, str], subject: str, count: int, ready: Any, out: Any) -> None:
+    sub = NATSPubSub(get_nats_config(env=env))
+    sub.subscribe(subject)
+    ready.set()
     received = 0
-
-    async def on_msg(msg: object) -> None:
-        nonlocal received
+    timer = threading.Timer(120, sub.close)  # bounded: close() ends listen()
+    timer.start()
+    for _ in sub.listen():  # the seed's consumer loop
         received += 1
         if received == count:
-            done.set()
+            break
+    ended = time.monotonic()
+    timer.cancel()
+    stats = sub.stats()
+    out.put((ended, received, stats["slow_consumer_drops"] + sum(stats["dropped"].values())))
+    sub.close()
 
-    await sub_nc.subscribe(
-        subject, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024
-    )
-    await sub_nc.flush()
-    start = time.perf_counter()
+
+async def _raw_publish(url: str, subject: str, count: int, payload: bytes) -> tuple[float, float]:
+    nc = await nats.connect(url)
+    start = time.monotonic()
     for _ in range(count):
-        await pub_nc.publish(subject, payload)
-    await pub_nc.flush(timeout=60)
-    published = time.perf_counter() - start
-    try:
-        await asyncio.wait_for(done.wait(), 60)
-    except asyncio.TimeoutError:
-        pass
-    delivered = time.perf_counter() - start
-    await pub_nc.close()
-    await sub_nc.close()
-    lost = count - received
-    return count / published, received / delivered, slow + lost
+        await nc.publish(subject, payload)
+    await nc.flush(timeout=60)
+    end = time.monotonic()
+    await nc.close()
+    return start, end
 
 
-def _msight_round(env: dict[str, str], count: int, payload: bytes) -> tuple[float, float, int]:
-    subject = f"bench.msight.{uuid.uuid4().hex[:8]}"
-    sub = NATSPubSub(get_nats_config(env=env))
+def _msight_publish(
+    env: dict[str, str], subject: str, count: int, payload: bytes
+) -> tuple[float, float]:
     pub = NATSPubSub(get_nats_config(env=env))
-    sub.subscribe(subject)
-    pub.publish(subject, b"warm-up")
+    pub.publish(subject, b"x")  # connect first: connection set-up is not publishing
     pub.flush()
-    assert sub.receive(5) is not None
-    received = 0
-    finished = threading.Event()
-    ended_at = [0.0]
-
-    def consume() -> None:
-        nonlocal received
-        while received < count:
-            if sub.receive(5) is None:
-                break
-            received += 1
-        ended_at[0] = time.perf_counter()
-        finished.set()
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
-    start = time.perf_counter()
+    start = time.monotonic()
     for _ in range(count):
         pub.publish(subject, payload)
     pub.flush(60)
-    published = time.perf_counter() - start
-    finished.wait(120)
-    delivered = ended_at[0] - start
-    stats = sub.stats()
-    drops = stats["slow_consumer_drops"] + sum(stats["dropped"].values()) + (count - received)
+    end = time.monotonic()
     pub.close()
-    sub.close()
-    return count / published, received / delivered, drops
+    return start, end
+
+
+def _round(kind: str, url: str, env: dict[str, str], count: int, payload: bytes) -> tuple:
+    """Subscriber in a child process (as in a deployment), publisher here."""
+    ctx = mp.get_context("spawn")
+    subject = f"bench.{kind}.{uuid.uuid4().hex[:8]}"
+    ready, out = ctx.Event(), ctx.Queue()
+    if kind == "raw":
+        target, first = _raw_subscriber, url
+    else:
+        target, first = _msight_subscriber, env
+    child = ctx.Process(target=target, args=(first, subject, count, ready, out), daemon=True)
+    child.start()
+    if not ready.wait(60):
+        raise RuntimeError("subscriber did not start")
+    if kind == "raw":
+        start, end = asyncio.run(_raw_publish(url, subject, count, payload))
+    else:
+        # msight's subscriber counts the warm-up message too.
+        start, end = _msight_publish(env, subject, count - 1, payload)
+    ended, received, drops = out.get(timeout=180)
+    child.join(30)
+    return count / (end - start), received / (ended - start), drops + (count - received)
 
 
 def main() -> None:
@@ -127,8 +152,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float, int]]] = {"raw nats-py": [], "msight": []}
     try:
         for _ in range(args.rounds):  # interleaved, so machine noise hits both
-            results["raw nats-py"].append(asyncio.run(_raw_round(url, args.count, payload)))
-            results["msight"].append(_msight_round(env, args.count, payload))
+            results["raw nats-py"].append(_round("raw", url, env, args.count, payload))
+            results["msight"].append(_round("msight", url, env, args.count, payload))
     finally:
         if server is not None:
             server.close()

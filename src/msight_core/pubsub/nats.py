@@ -119,6 +119,8 @@ class NATSPubSub(QueueBackend):
             config.large_frame_ttl, config.large_frame_store_bytes, config.publish.timeout
         )
         self._subs: dict[str, Any] = {}
+        self._inbox: list[Delivery] = []
+        self._inbox_scheduled = False
         self._streams: dict[str, str] = {}
         self._lost_at: float | None = None
         self._connect_error: BaseException | None = None
@@ -276,13 +278,25 @@ class NATSPubSub(QueueBackend):
     async def _on_message(self, msg: Any) -> None:
         headers = msg.headers
         if headers and FRAME_HEADER in headers:
+            self._flush_inbox()  # keep order: what came before the frame goes first
             data = await self._large.fetch(self._nc, msg.subject, headers)
             if data is None:
                 self._lost_frame(msg)
                 return
             self._queue.put(Delivery(msg.subject, data, self._token(msg)))
             return
-        self._queue.put(Delivery(msg.subject, msg.data, self._token(msg)))
+        # Collect what nats-py hands over in this loop iteration and queue it in one
+        # go: one lock and one wake-up of the application thread per batch.
+        self._inbox.append(Delivery(msg.subject, msg.data, self._token(msg)))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            self._loop.loop.call_soon(self._flush_inbox)
+
+    def _flush_inbox(self) -> None:
+        self._inbox_scheduled = False
+        if self._inbox:
+            batch, self._inbox = self._inbox, []
+            self._queue.put_many(batch)
 
     def _token(self, msg: Any) -> Any:
         return None
