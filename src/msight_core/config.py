@@ -26,21 +26,21 @@ from .errors import ConfigError
 
 __all__ = [
     "BACKENDS",
-    "Secret",
-    "OverflowPolicy",
-    "QueueConfig",
-    "PublishConfig",
-    "RedisConfig",
-    "NatsConfig",
     "KafkaConfig",
+    "NatsConfig",
+    "OverflowPolicy",
+    "PublishConfig",
+    "QueueConfig",
+    "RedisConfig",
+    "Secret",
     "backend_name",
-    "load_queue_config",
-    "load_publish_config",
-    "load_redis_config",
-    "load_nats_config",
     "load_kafka_config",
-    "parse_server_list",
+    "load_nats_config",
+    "load_publish_config",
+    "load_queue_config",
+    "load_redis_config",
     "parse_bool",
+    "parse_server_list",
 ]
 
 #: Valid values of ``MSIGHT_PUBSUB_BACKEND``.

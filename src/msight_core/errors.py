@@ -31,20 +31,20 @@ should not swallow broker outages by accident.
 from __future__ import annotations
 
 __all__ = [
-    "MsightError",
-    "ConfigError",
-    "MissingDependencyError",
-    "ClosedError",
-    "InvalidTopicError",
-    "TopicNotFoundError",
-    "PayloadTooLargeError",
-    "SerializationError",
-    "DeserializationError",
+    "AuthenticationError",
+    "BackpressureError",
     "BrokerError",
     "BrokerUnavailableError",
-    "AuthenticationError",
+    "ClosedError",
+    "ConfigError",
+    "DeserializationError",
+    "InvalidTopicError",
+    "MissingDependencyError",
+    "MsightError",
+    "PayloadTooLargeError",
     "PublishError",
-    "BackpressureError",
+    "SerializationError",
+    "TopicNotFoundError",
 ]
 
 

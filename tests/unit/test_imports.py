@@ -17,6 +17,7 @@ def _loaded_after(code: str) -> set[str]:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
         env={"PATH": "/usr/bin:/bin"},  # no MSIGHT_* variables at all
     )
     assert out.returncode == 0, out.stderr

@@ -21,13 +21,13 @@ if TYPE_CHECKING:
     from .redis import RedisPubSub
 
 __all__ = [
-    "PubSubBackend",
     "Capabilities",
-    "Message",
-    "RedisPubSub",
-    "NATSPubSub",
     "KafkaPubSub",
     "MemoryPubSub",
+    "Message",
+    "NATSPubSub",
+    "PubSubBackend",
+    "RedisPubSub",
     "get_pubsub",
 ]
 

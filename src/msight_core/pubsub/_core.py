@@ -29,7 +29,7 @@ from ..errors import ClosedError
 from ..topics import topic_name
 from .base import Message, PubSubBackend
 
-__all__ = ["Delivery", "ReceiveQueue", "QueueBackend", "State", "check_payload"]
+__all__ = ["Delivery", "QueueBackend", "ReceiveQueue", "State", "check_payload"]
 
 logger = logging.getLogger("msight_core.pubsub")
 

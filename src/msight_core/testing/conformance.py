@@ -28,7 +28,7 @@ from ..errors import ClosedError, InvalidTopicError
 from ..pubsub.base import Capabilities, Message, PubSubBackend
 from ..topics import Topic
 
-__all__ = ["PubSubConformance", "collect", "BAD_TOPIC_NAMES", "BAD_PAYLOADS"]
+__all__ = ["BAD_PAYLOADS", "BAD_TOPIC_NAMES", "PubSubConformance", "collect"]
 
 MiB = 1024 * 1024
 

@@ -16,7 +16,7 @@ import pytest
 
 from .brokers import KafkaServer, NatsServer, RedisServer
 
-__all__ = ["redis_server", "nats_server", "kafka_server", "unique_topic"]
+__all__ = ["kafka_server", "nats_server", "redis_server", "unique_topic"]
 
 _counter = itertools.count()
 
