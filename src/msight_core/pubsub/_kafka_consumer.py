@@ -284,11 +284,11 @@ class KafkaReader:
                 resolved = self.consumer.offsets_for_times(query, timeout=self._timeout)
             except KafkaException as exc:
                 logger.warning("could not resolve Kafka start offsets (%s); using reset", exc)
-                for p, q in zip(missing, query):
+                for p, q in zip(missing, query, strict=True):
                     p.offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
                 return parts
             by_key = {(r.topic, r.partition): r.offset for r in resolved}
-            for p, q in zip(missing, query):
+            for p, q in zip(missing, query, strict=True):
                 offset = by_key.get((p.topic, p.partition), -1)
                 if offset < 0:
                     offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
@@ -375,8 +375,22 @@ class KafkaReader:
     # -- messages ---------------------------------------------------------------------------
 
     def _handle(self, msgs: list[Any]) -> None:
+        if not self.grouped and not self._frames:
+            # Hot path for broadcast subscribers: plain records need no offsets.
+            append = self._leftover.append
+            for index, m in enumerate(msgs):
+                if m.error() is not None or m.headers() is not None:
+                    self._handle_slow(msgs[index:])
+                    break
+                append(Delivery(m.topic(), m.value() or b"", None))
+            return
+        self._handle_slow(msgs)
+
+    def _handle_slow(self, msgs: list[Any]) -> None:
         gens = self._gen
         out = self._leftover
+        grouped = self.grouped
+        all_frames = self._frames
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -398,9 +412,12 @@ class KafkaReader:
                     data = self._reassemble(key, offset, chunk, data)
                     if data is None:
                         continue
-            frames = self._frames.get(key)
+            frames = all_frames.get(key) if all_frames else None
             safe = min(f.first for f in frames.values()) if frames else offset + 1
-            out.append(Delivery(topic, data if data is not None else b"", (part, safe, gen)))
+            if data is None:
+                data = b""
+            # Only group members commit, so only their deliveries carry a token.
+            out.append(Delivery(topic, data, (part, safe, gen) if grouped else None))
         if self._outage_logged and msgs:
             self._outage_logged = False
 

@@ -139,7 +139,12 @@ class KafkaPubSub(QueueBackend):
         while True:
             item = super()._next(timeout)
             reader = self._reader
-            if item is None or reader is None or reader.current(item.topic, item.token):
+            if (
+                item is None
+                or item.token is None
+                or reader is None
+                or reader.current(item.topic, item.token)
+            ):
                 return item
             # Its partition was revoked or rewound: the new owner/position re-delivers it.
             self._in_hand = None
@@ -167,8 +172,9 @@ class KafkaPubSub(QueueBackend):
         Returns:
             The number of partitions moved (0 if none of the topic is assigned here).
 
-        Messages of the old position still queued locally are discarded. Blocks
-        for one broker round trip.
+        With a ``group_id``, messages of the old position still queued locally
+        are discarded; without one they are delivered first. Blocks for one
+        broker round trip.
 
         Raises:
             ConfigError: ``start`` is not one of the accepted forms.
