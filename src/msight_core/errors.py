@@ -17,6 +17,7 @@ for debugging but callers only ever need to catch our types::
     └── BrokerError                                     anything the broker side did
         ├── BrokerUnavailableError                      broker unreachable or connection lost
         │   └── AuthenticationError                     credentials refused
+        ├── ShardedPubSubUnsupportedError               Redis Cluster without SPUBLISH (< 7)
         ├── PublishError                                delivery failed after acceptance
         └── BackpressureError                           outage buffer full / publish timed out
 
@@ -44,6 +45,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PublishError",
     "SerializationError",
+    "ShardedPubSubUnsupportedError",
     "TopicNotFoundError",
 ]
 
@@ -102,6 +104,10 @@ class BrokerUnavailableError(BrokerError):
 
 class AuthenticationError(BrokerUnavailableError):
     """The broker refused the configured credentials."""
+
+
+class ShardedPubSubUnsupportedError(BrokerError):
+    """The Redis Cluster's servers lack ``SPUBLISH``/``SSUBSCRIBE`` (Redis < 7)."""
 
 
 class PublishError(BrokerError):

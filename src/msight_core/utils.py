@@ -14,7 +14,13 @@ __all__ = ["get_redis_client"]
 def get_redis_client(
     config: RedisConfig | None = None, env: Mapping[str, str] | None = None, **kwargs: Any
 ) -> Any:
-    """A ``redis.Redis`` client for ``MSIGHT_REDIS_MESSAGE_BROKER_*`` (no connection yet).
+    """A redis-py client for ``MSIGHT_REDIS_MESSAGE_BROKER_*``.
+
+    A ``redis.Redis`` (no connection yet), or, when ``use_cluster`` is set
+    (``MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER=true``), a ``redis.RedisCluster``
+    seeded with ``MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES`` ("host:port" entries;
+    default: host and port), which contacts a seed at once to learn the slot map.
+    Both work with the topic registry and with ``RedisPubSub``.
 
     Args:
         config: settings to use instead of the environment.
@@ -23,7 +29,8 @@ def get_redis_client(
 
     Raises:
         MissingDependencyError: the ``redis`` extra is not installed.
-        ConfigError: a variable is malformed.
+        ConfigError: a variable is malformed (or a db other than 0 in cluster mode).
+        BrokerUnavailableError: cluster mode and no seed node answered.
     """
     try:
         import redis
@@ -48,4 +55,29 @@ def get_redis_client(
             ssl_check_hostname=config.tls_verify,
         )
     options.update(kwargs)
+    if config.use_cluster:
+        return _cluster_client(redis, config, options)
     return redis.Redis(**options)
+
+
+def _cluster_client(redis: Any, config: RedisConfig, options: dict[str, Any]) -> Any:
+    """A ``redis.RedisCluster`` seeded with ``cluster_nodes`` (or host:port)."""
+    from redis.cluster import ClusterNode
+    from redis.exceptions import RedisClusterException, RedisError
+
+    from .errors import BrokerUnavailableError, ConfigError
+    from .pubsub._redis_slots import parse_node
+
+    if options.pop("db", 0):
+        raise ConfigError("Redis Cluster has only database 0; unset MSIGHT_REDIS_MESSAGE_BROKER_DB")
+    options.pop("host", None)
+    options.pop("port", None)
+    entries = config.cluster_nodes or (f"{config.host}:{config.port}",)
+    nodes = [ClusterNode(*parse_node(entry)) for entry in entries]
+    try:
+        return redis.RedisCluster(startup_nodes=nodes, **options)
+    except (RedisClusterException, RedisError) as exc:
+        # redis-py connects to the seeds at once to learn the slot map.
+        raise BrokerUnavailableError(
+            f"cannot reach the Redis Cluster at {', '.join(entries)}: {type(exc).__name__}"
+        ) from exc

@@ -71,10 +71,21 @@ def endpoint_from_client(client: Any) -> Endpoint:
             "RedisPubSub expects a redis.Redis client (e.g. get_redis_client()) "
             f"or a RedisConfig, got {type(client).__name__}"
         ) from None
+    return endpoint_from_kwargs(kwargs, connection_class)
+
+
+def endpoint_from_kwargs(kwargs: dict[str, Any], connection_class: Any = None) -> Endpoint:
+    """An :class:`Endpoint` from redis-py connection keyword arguments.
+
+    Shared by plain clients and ``redis.RedisCluster`` (whose node manager keeps
+    the same keywords for every node).
+    """
+    if connection_class is None:
+        connection_class = kwargs.get("connection_class")
     if "path" in kwargs:
         raise TypeError("unix-socket Redis clients are not supported; use host and port")
     password = kwargs.get("password")
-    use_tls = "SSL" in getattr(connection_class, "__name__", "")
+    use_tls = "SSL" in getattr(connection_class, "__name__", "") or bool(kwargs.get("ssl"))
     cert_reqs = kwargs.get("ssl_cert_reqs", "required")
     return Endpoint(
         host=kwargs.get("host") or "localhost",

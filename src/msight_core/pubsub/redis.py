@@ -499,6 +499,17 @@ class RedisPubSub(QueueBackend):
 
     capabilities = Capabilities(broadcast=True, groups=False, persistent=False, ordered=True)
 
+    def __new__(cls, client: Any = None, config: RedisConfig | None = None) -> Any:
+        # Cluster mode (use_cluster, or a redis.RedisCluster client) is served by
+        # a subclass speaking sharded pub/sub; callers keep using RedisPubSub.
+        impl = cls
+        if cls is RedisPubSub:
+            from ._redis_cluster import RedisClusterPubSub, is_cluster
+
+            if is_cluster(client, config):
+                impl = RedisClusterPubSub
+        return super().__new__(impl)
+
     def __init__(self, client: Any = None, config: RedisConfig | None = None) -> None:
         if isinstance(client, RedisConfig):
             config = client

@@ -1,0 +1,349 @@
+"""The publishing half of the Redis Cluster backend (not public API).
+
+``publish()`` appends to one outgoing buffer; a writer thread takes whatever has
+accumulated, groups it by the master owning each channel's slot, writes one
+batch per node and reads the replies in bulk, so there is no round trip per
+message. Replies are matched to messages in order (a node answers in order), so
+a ``MOVED``, ``CLUSTERDOWN`` or ``TRYAGAIN`` reply sends exactly that message
+again, after the slot map is corrected.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+
+from ..errors import (
+    AuthenticationError,
+    BackpressureError,
+    BrokerUnavailableError,
+    ConfigError,
+    MsightError,
+    ShardedPubSubUnsupportedError,
+)
+from ._redis_conn import Endpoint, connect, hiredis, send_buffers
+from ._redis_slots import SlotMap
+
+__all__ = ["ClusterPublisher"]
+
+logger = logging.getLogger("msight_core.pubsub.redis")
+
+_REPLY_HIGH_WATER = 8192
+_RECV_CHUNK = 256 * 1024
+_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 0.25
+_RETRYABLE = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN")
+_FATAL = (AuthenticationError, ShardedPubSubUnsupportedError, ConfigError)
+
+# One message: (channel name, RESP header up to the payload length, payload).
+_Entry = tuple[str, bytes, bytes]
+
+
+class _Node:
+    """The writer's connection to one master and what it awaits replies for."""
+
+    def __init__(self, endpoint: Endpoint, sock: socket.socket) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.reader = hiredis.Reader()
+        self.inflight: deque[_Entry] = deque()
+
+
+class ClusterPublisher:
+    """Outgoing buffer plus the writer thread that owns one socket per master."""
+
+    def __init__(self, slots: SlotMap, buffer_bytes: int, timeout: float) -> None:
+        self.slots = slots
+        self.buffer_bytes = buffer_bytes
+        self.timeout = timeout
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[_Entry] = []
+        self._pending_msgs = 0  # accepted, not yet written (includes the batch in hand)
+        self._pending_bytes = 0
+        self._unreplied = 0
+        self._closing = False
+        self._abort = False
+        self._fatal: MsightError | None = None
+        self._last_problem: str | None = None
+        self._thread: threading.Thread | None = None
+        self._nodes: dict[Endpoint, _Node] = {}
+        self.published = 0
+        self.unrouted = 0
+        self.failed = 0
+        self.possibly_lost = 0
+        self.redirected = 0
+        self.reconnects = 0
+
+    # -- caller side ----------------------------------------------------------------
+
+    def publish(self, name: str, prefix: bytes, data: bytes) -> None:
+        """Queue one message; blocks only while the outage buffer is full.
+
+        Raises:
+            BackpressureError: no room in the buffer within the publish timeout.
+            AuthenticationError, ShardedPubSubUnsupportedError: publishing stopped.
+        """
+        size = len(data)
+        with self._cond:
+            if self._fatal is not None:
+                raise type(self._fatal)(str(self._fatal))
+            if self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
+                self._wait_for_room(size)
+            self._pending.append((name, b"%s$%d\r\n" % (prefix, size), data))
+            self._pending_bytes += size
+            self._pending_msgs += 1
+            if len(self._pending) == 1:
+                self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="msight-redis-cluster-writer", daemon=True
+                )
+                self._thread.start()
+
+    def _wait_for_room(self, size: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closing:
+                why = f"; last error: {self._last_problem}" if self._last_problem else ""
+                raise BackpressureError(
+                    f"Redis Cluster publish buffer full ({self._pending_bytes} bytes pending, "
+                    f"bound {self.buffer_bytes}) for {self.timeout:g}s{why}"
+                )
+            self._cond.wait(remaining)
+            if self._fatal is not None:
+                raise type(self._fatal)(str(self._fatal))
+
+    def flush(self, timeout: float | None) -> None:
+        """Wait until every accepted message is acknowledged by its master.
+
+        Raises:
+            BackpressureError: not done within ``timeout`` (default: publish timeout).
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._cond:
+            while self._pending_msgs or self._unreplied:
+                if self._fatal is not None:
+                    raise type(self._fatal)(str(self._fatal))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    why = f" (last error: {self._last_problem})" if self._last_problem else ""
+                    raise BackpressureError(
+                        f"flush timed out with {self._pending_msgs} message(s) not yet "
+                        f"delivered to the Redis Cluster{why}"
+                    )
+                self._cond.notify_all()
+                self._cond.wait(min(remaining, 0.1))
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is buffered (up to ``timeout`` seconds), then stop the thread."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                self._abort = True
+                for node in list(self._nodes.values()):
+                    try:
+                        node.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                with self._cond:
+                    self._cond.notify_all()
+                thread.join(1.0)
+        with self._cond:
+            if self._pending_msgs:
+                logger.warning(
+                    "closing with %d message(s) undelivered: Redis Cluster unreachable",
+                    self._pending_msgs,
+                )
+
+    # -- writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = _BACKOFF_MIN
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._unreplied and not self._closing:
+                        self._cond.wait()
+                    if self._abort or (self._closing and not self._pending and not self._unreplied):
+                        return
+                    batch, self._pending = self._pending, []
+                try:
+                    stalled = self._send(batch)
+                except _FATAL as exc:
+                    with self._cond:
+                        self._fatal = exc
+                        self._cond.notify_all()
+                    logger.error("%s; publishing stopped", exc)
+                    return
+                if stalled:
+                    with self._cond:
+                        if self._abort:
+                            return
+                        self._cond.wait(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                else:
+                    backoff = _BACKOFF_MIN
+        finally:
+            for node in list(self._nodes.values()):
+                node.sock.close()
+            self._nodes.clear()
+
+    def _send(self, batch: list[_Entry]) -> bool:
+        """Route, write and (in bulk) confirm ``batch``; True if something must wait."""
+        slots = self.slots
+        owner, slot_of = slots.owner, slots.slot
+        groups: dict[Endpoint, list[_Entry]] = {}
+        held: list[_Entry] = []
+        for entry in batch:
+            endpoint = owner(slot_of(entry[0]))
+            if endpoint is None:
+                held.append(entry)
+            else:
+                group = groups.get(endpoint)
+                if group is None:
+                    group = groups[endpoint] = []
+                group.append(entry)
+        sent = sent_bytes = 0
+        for endpoint, entries in groups.items():
+            node = self._nodes.get(endpoint)
+            try:
+                if node is None:
+                    node = self._open(endpoint)
+                buffers: list[bytes] = []
+                for _, header, data in entries:
+                    buffers += (header, data, b"\r\n")
+                send_buffers(node.sock, buffers)
+            except (OSError, BrokerUnavailableError) as exc:
+                if isinstance(exc, AuthenticationError):
+                    raise
+                if node is not None:
+                    self._drop(node, exc)
+                else:
+                    self._problem(endpoint, exc)
+                held.extend(entries)
+                continue
+            node.inflight.extend(entries)
+            sent += len(entries)
+            sent_bytes += sum(len(e[2]) for e in entries)
+        with self._cond:
+            self._pending_bytes -= sent_bytes
+            self._pending_msgs -= sent
+            self._unreplied += sent
+            self.published += sent
+            self._cond.notify_all()
+            more = bool(self._pending)
+        retry: list[_Entry] = []
+        stalled = False
+        if self._unreplied >= _REPLY_HIGH_WATER or not more or held:
+            for node in list(self._nodes.values()):
+                if node.inflight:
+                    stalled |= self._read_replies(node, retry)
+        if held or retry:
+            with self._cond:
+                self._pending[:0] = retry + held
+                self._pending_bytes += sum(len(e[2]) for e in retry)
+                self._pending_msgs += len(retry)
+        if held or stalled:
+            try:
+                slots.refresh()
+            except _FATAL:
+                raise
+            except BrokerUnavailableError as exc:
+                self._last_problem = str(exc)
+            return True
+        if retry:  # MOVED: the map was corrected from the reply; resend at once
+            return False
+        if self._last_problem is not None and not held:
+            logger.warning("publisher reached the Redis Cluster again")
+            self._last_problem = None
+        return False
+
+    def _open(self, endpoint: Endpoint) -> _Node:
+        sock = connect(endpoint)
+        sock.settimeout(self.timeout)
+        node = self._nodes[endpoint] = _Node(endpoint, sock)
+        return node
+
+    def _read_replies(self, node: _Node, retry: list[_Entry]) -> bool:
+        """Match replies to ``node.inflight``; return True if a retry must wait."""
+        stalled = False
+        reader = node.reader
+        inflight = node.inflight
+        done = 0
+        try:
+            while inflight:
+                reply = reader.gets()
+                if reply is False:
+                    data = node.sock.recv(_RECV_CHUNK)
+                    if not data:
+                        raise ConnectionResetError(f"{node.endpoint.address} closed the connection")
+                    reader.feed(data)
+                    continue
+                entry = inflight.popleft()
+                done += 1
+                if type(reply) is int:
+                    if not reply:
+                        self.unrouted += 1
+                    continue
+                stalled |= self._refused(node, entry, str(reply), retry)
+        except (OSError, hiredis.ProtocolError) as exc:
+            self._drop(node, exc)
+            stalled = True
+        finally:
+            with self._cond:
+                self._unreplied -= done
+                self._cond.notify_all()
+        return stalled
+
+    def _refused(self, node: _Node, entry: _Entry, text: str, retry: list[_Entry]) -> bool:
+        if text.startswith(_RETRYABLE):
+            retry.append(entry)
+            self.redirected += 1
+            if text.startswith("MOVED "):
+                _, slot, address = text.split(" ", 2)
+                self.slots.moved(int(slot), address)
+                return False
+            self._last_problem = f"{node.endpoint.address}: {text.split(' ', 1)[0]}"
+            return True
+        if text.lower().startswith("err unknown command"):
+            raise ShardedPubSubUnsupportedError(
+                f"{node.endpoint.address} does not know SPUBLISH (needs Redis 7+ or Valkey)"
+            )
+        self.failed += 1
+        logger.error("Redis Cluster refused an SPUBLISH on %s: %s", node.endpoint.address, text)
+        return False
+
+    def _drop(self, node: _Node, exc: BaseException) -> None:
+        """Forget a broken connection; what it owed replies for may be lost."""
+        node.sock.close()
+        self._nodes.pop(node.endpoint, None)
+        self.reconnects += 1
+        lost = len(node.inflight)
+        node.inflight.clear()
+        if lost:
+            self.possibly_lost += lost
+            with self._cond:
+                self._unreplied -= lost
+                self._cond.notify_all()
+        self._problem(node.endpoint, exc)
+
+    def _problem(self, endpoint: Endpoint, exc: BaseException) -> None:
+        problem = str(exc) if isinstance(exc, MsightError) else f"{type(exc).__name__}: {exc}"
+        if self._last_problem is None:
+            logger.warning(
+                "publisher lost Redis Cluster node %s (%s); buffering up to %d bytes and "
+                "waiting for the slot map to change",
+                endpoint.address,
+                problem,
+                self.buffer_bytes,
+            )
+        self._last_problem = problem
