@@ -196,6 +196,9 @@ class NatsConfig:
     """JetStream mode: bound of a topic's stream, oldest dropped first; 0 for no
     bound but the age (``MSIGHT_NATS_STREAM_MAX_BYTES``). The server reserves
     this much storage per topic, so set it only where disk is plentiful."""
+    stream_replicas: int = 1
+    """JetStream mode: replicas of the topic streams the library creates, up to
+    the cluster size (``MSIGHT_NATS_STREAM_REPLICAS``)."""
     ack_wait: float = 30.0
     """JetStream mode: seconds before an unacknowledged message is redelivered
     (``MSIGHT_NATS_ACK_WAIT``)."""
@@ -519,6 +522,7 @@ def load_nats_config(
         ),
         stream_max_age=e.float(p + "STREAM_MAX_AGE", NatsConfig.stream_max_age),
         stream_max_bytes=e.int(p + "STREAM_MAX_BYTES", NatsConfig.stream_max_bytes, minimum=0),
+        stream_replicas=e.int(p + "STREAM_REPLICAS", 1, minimum=1, maximum=5),
         ack_wait=e.float(p + "ACK_WAIT", NatsConfig.ack_wait),
         queue=load_queue_config(env),
         publish=load_publish_config(env),

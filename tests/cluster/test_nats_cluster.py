@@ -139,17 +139,18 @@ def test_client_fails_over_when_its_server_is_killed(unique_topic: str) -> None:
                 backend.close()
 
 
-async def _make_replicated_stream(url: str, topic: str, replicas: int) -> str:
+async def _stream_leader(url: str, topic: str, replicas: int) -> str:
+    """The leader of the stream the library created for ``topic``, once elected."""
     import nats
 
     nc = await nats.connect(url)
     try:
         jsm = nc.jsm()
-        name = "R" + topic.replace(".", "_")[-30:]
-        await jsm.add_stream(name=name, subjects=[topic], num_replicas=replicas)
+        name = await jsm.find_stream_name_by_subject(topic)
         for _ in range(100):  # wait for the group to elect a leader
             info = await jsm.stream_info(name)
             if info.cluster and info.cluster.leader:
+                assert info.config.num_replicas == replicas
                 return str(info.cluster.leader)
             await asyncio.sleep(0.1)
         raise AssertionError("replicated stream got no leader")
@@ -160,11 +161,16 @@ async def _make_replicated_stream(url: str, topic: str, replicas: int) -> str:
 @pytest.mark.slow
 def test_jetstream_on_a_cluster_with_a_replicated_stream(unique_topic: str) -> None:
     with NatsCluster(size=3, jetstream=True, name="jsc") as cluster:
-        leader = asyncio.run(_make_replicated_stream(cluster.urls[0], unique_topic, 3))
+        # The library creates the topic's stream, replicated on all three servers.
+        js = {"MSIGHT_NATS_JETSTREAM": "true", "MSIGHT_NATS_STREAM_REPLICAS": "3"}
+        creator = NATSPubSub(get_nats_config(None, env={**cluster.env([0, 1, 2]), **js}))
+        creator.subscribe(unique_topic)
+        creator.close()
+        leader = asyncio.run(_stream_leader(cluster.urls[0], unique_topic, 3))
         index = int(leader.rsplit("-n", 1)[1])
         others = [i for i in range(3) if i != index]
-        env_sub = {**cluster.env([index, *others]), "MSIGHT_NATS_JETSTREAM": "true"}
-        env_pub = {**cluster.env([others[0]]), "MSIGHT_NATS_JETSTREAM": "true"}
+        env_sub = {**cluster.env([index, *others]), **js}
+        env_pub = {**cluster.env([others[0]]), **js}
         sub = NATSPubSub(get_nats_config("js-workers", env=env_sub))
         pub = NATSPubSub(get_nats_config(None, env=env_pub))
         try:

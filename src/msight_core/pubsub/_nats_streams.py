@@ -161,9 +161,10 @@ def durable_name(group_id: str) -> str:
 
 
 async def ensure_topic_stream(
-    nc: Any, topic: str, max_age: float, max_bytes: int, timeout: float
+    nc: Any, topic: str, max_age: float, max_bytes: int, timeout: float, replicas: int = 1
 ) -> str:
-    """The stream that stores ``topic``: an existing one, or a new file stream."""
+    """The stream that stores ``topic``: an existing one, or a new file stream
+    replicated on ``replicas`` servers of a JetStream cluster."""
     jsm = nc.jsm(timeout=timeout)
     try:
         return str(await jsm.find_stream_name_by_subject(topic))
@@ -180,7 +181,7 @@ async def ensure_topic_stream(
         max_age=max_age,
         max_bytes=max_bytes or -1,
         duplicate_window=min(max_age, 120.0),
-        num_replicas=1,
+        num_replicas=replicas,
     )
     try:
         await jsm.add_stream(config)

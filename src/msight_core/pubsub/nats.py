@@ -221,6 +221,8 @@ class NATSPubSub(QueueBackend):
             return
         self._lost_at = time.monotonic()
         self.reconnects += 1
+        # Core NATS has no receipts: what was sent since the last PONG may be lost.
+        at_risk = 0 if self.config.jetstream else self._publisher.lost_connection()
         logger.warning(
             "lost NATS at %s; reconnecting every %gs. Publishes wait in a buffer of up "
             "to %d bytes; %s",
@@ -229,7 +231,8 @@ class NATSPubSub(QueueBackend):
             self.config.publish.buffer_bytes,
             "unacknowledged JetStream messages will be resent"
             if self.config.jetstream
-            else "messages published meanwhile by others are lost (NATS is best-effort)",
+            else f"{at_risk} message(s) sent just before may be lost, and messages "
+            "published meanwhile by others are lost (NATS is best-effort)",
         )
 
     async def _on_reconnected(self) -> None:
@@ -242,11 +245,14 @@ class NATSPubSub(QueueBackend):
             outage = time.monotonic() - self._lost_at
             self.outage_seconds += outage
             self._lost_at = None
+        backlog = 0 if self.config.jetstream else self._publisher.backlog_at_reconnect()
         logger.warning(
-            "reconnected to NATS at %s after %.2fs; subscriptions restored: %s",
+            "reconnected to NATS at %s after %.2fs; subscriptions restored: %s%s",
             self.servers_shown,
             outage,
             ", ".join(self._subs) or "none",
+            f"; sending {backlog} buffered message(s), which subscribers that are not "
+            "back yet miss" if backlog else "",
         )
         self._publisher.requeue_unacked()
         self._publisher.wake()
@@ -379,6 +385,7 @@ class NATSPubSub(QueueBackend):
         buffered, unacked = pub.pending()
         out.update(
             published=pub.published,
+            possibly_lost=pub.possibly_lost,
             publish_buffered=buffered,
             unacknowledged=unacked,
             resent=pub.resent,
@@ -412,7 +419,12 @@ class NATSJetStreamPubSub(NATSPubSub):
             cfg = self.config
             stream = self._loop.run(
                 ensure_topic_stream(
-                    self._nc, name, cfg.stream_max_age, cfg.stream_max_bytes, cfg.publish.timeout
+                    self._nc,
+                    name,
+                    cfg.stream_max_age,
+                    cfg.stream_max_bytes,
+                    cfg.publish.timeout,
+                    cfg.stream_replicas,
                 ),
                 cfg.publish.timeout,
                 f"create the stream for {name!r}",
