@@ -37,6 +37,7 @@ FRAME_HEADER = "Msight-Frame"
 LARGE_SUBJECT_PREFIX = "_msight.large."
 _EMIT_BYTES = 8 * 1024 * 1024  # hand-over size to nats-py per step
 _ACK_CHECK_INTERVAL = 1.0
+_CONFIRM_INTERVAL = 0.05  # core NATS: PING this often while messages flow
 
 
 class _Tracked:
@@ -90,6 +91,8 @@ class Publisher:
         self._ack_sub: Any = None
         self._prefixes: dict[str, bytes] = {}
         self.published = 0
+        self.confirmed = 0  # core NATS: handed over before the last PONG
+        self.possibly_lost = 0
         self.acked = 0
         self.resent = 0
         self.failed = 0
@@ -221,6 +224,8 @@ class Publisher:
         loop = asyncio.get_running_loop()
         loop.create_task(self._run(), name="msight-nats-writer")
         loop.create_task(self._check_acks(), name="msight-nats-acks")
+        if not self.jetstream:
+            loop.create_task(self._confirm(), name="msight-nats-confirm")
         with self._cond:
             self._idle = False
             self._wake.set()
@@ -408,6 +413,43 @@ class Publisher:
             logger.error(
                 "NATS JetStream refused a message on %r (%d refused so far)", item.what, self.failed
             )
+
+    async def _confirm(self) -> None:
+        """Core NATS: a PING after new traffic, so a disconnect knows what is at risk.
+
+        The server handles one connection's commands in order: once the PONG is
+        back, every message handed over before the PING reached the server.
+        """
+        while True:
+            await asyncio.sleep(_CONFIRM_INTERVAL)
+            nc = self.owner._nc
+            handed = self.published
+            if nc is None or not nc.is_connected or handed <= self.confirmed:
+                continue
+            try:
+                await nc.flush(max(self.timeout, 1.0))
+            except Exception as exc:  # noqa: BLE001 - a disconnect is counted by lost_connection()
+                logger.debug("confirming PING failed: %s", type(exc).__name__)
+                continue
+            self.confirmed = max(self.confirmed, handed)
+
+    def lost_connection(self) -> int:
+        """On the loop, at a disconnect: count messages the server may not have got."""
+        at_risk = max(self.published - self.confirmed, 0)
+        self.confirmed = self.published
+        self.possibly_lost += at_risk
+        return at_risk
+
+    def backlog_at_reconnect(self) -> int:
+        """On the loop, at a reconnect: count the buffered messages sent now.
+
+        Subscribers on other connections may not have resubscribed yet, so these
+        are at risk too (core NATS keeps nothing for absent subscribers).
+        """
+        with self._cond:
+            backlog = self._buf_msgs
+        self.possibly_lost += backlog
+        return backlog
 
     async def _check_acks(self) -> None:
         while True:
