@@ -51,6 +51,20 @@ __all__ = [
 logger = logging.getLogger("msight_core.pubsub.kafka")
 librdkafka_logger = logging.getLogger("msight_core.pubsub.kafka.librdkafka")
 
+
+class _RetriedFailuresAreWarnings(logging.Filter):
+    """librdkafka logs each failed broker connection (facility ``FAIL``) as an error,
+    though it retries, and other bootstrap servers may be fine; the outage itself
+    is reported once through ``error_cb``. Keep those lines at WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING and record.args and record.args[0] == "FAIL":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+librdkafka_logger.addFilter(_RetriedFailuresAreWarnings())
+
 MiB = 1024 * 1024
 #: Header carried by each piece of a frame split to fit a topic's limit.
 CHUNK_HEADER = "msight.chunk"
