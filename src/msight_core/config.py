@@ -34,6 +34,7 @@ __all__ = [
     "RedisConfig",
     "Secret",
     "backend_name",
+    "environment",
     "load_kafka_config",
     "load_nats_config",
     "load_publish_config",
@@ -415,6 +416,12 @@ class _Env:
             if key.startswith(prefix) and len(key) > len(prefix):
                 out[key[len(prefix) :].lower().replace("_", ".")] = value.strip()
         return out
+
+
+def environment() -> dict[str, str]:
+    """A copy of the process environment, for callers (the CLI, the embedded-broker
+    launcher) that amend or inspect it before handing it to a loader as ``env=``."""
+    return dict(os.environ)
 
 
 def _replace(config: _T, overrides: Mapping[str, Any]) -> _T:

