@@ -76,6 +76,7 @@ class Publisher:
         self.resend_after = max(2.0, min(self.timeout / 2, 5.0))
         self._cond = threading.Condition(threading.Lock())
         self._buf: list[Any] = []
+        self._buf_plain = True  # the buffer holds only protocol bytes (no frames, no acks to track)
         self._buf_bytes = 0
         self._buf_msgs = 0
         self._idle = True  # the writer is waiting for a wake-up
@@ -155,6 +156,7 @@ class Publisher:
                 self._raise_error()
             if self._buf_bytes and self._buf_bytes + size > self.buffer_bytes:
                 self._wait_for_room(size)
+            self._buf_plain = False
             self._buf.append(item)
             self._buf_msgs += 1
             self._buf_bytes += size
@@ -257,6 +259,7 @@ class Publisher:
             for item in late:
                 del self._sent[item.id]
             self._buf[:0] = late
+            self._buf_plain = False
             self._buf_msgs += len(late)
             self._buf_bytes += sum(t.size for t in late)
             self.resent += len(late)
@@ -273,20 +276,23 @@ class Publisher:
                 if nc is None or not nc.is_connected:
                     break  # the reconnected callback wakes us again
                 with self._cond:
-                    batch, count, nbytes = self._buf, self._buf_msgs, self._buf_bytes
+                    batch, count, plain = self._buf, self._buf_msgs, self._buf_plain
                     if not batch:
                         self._idle = True
                         self._cond.notify_all()
                         break
                     self._buf, self._buf_msgs, self._buf_bytes = [], 0, 0
+                    self._buf_plain = True
                     self._cond.notify_all()
                 try:
-                    await self._send(nc, batch)
+                    if plain:  # only ready-made protocol bytes: hand them over as they are
+                        await self._emit(nc, batch)
+                    else:
+                        await self._send(nc, batch)
                 except Exception as exc:
                     logger.warning("NATS writer: sending a batch failed (%s)", type(exc).__name__)
                     logger.debug("NATS writer failure", exc_info=True)
                 self.published += count
-                del nbytes
 
     async def _send(self, nc: Any, batch: list[Any]) -> None:
         out: list[bytes] = []
