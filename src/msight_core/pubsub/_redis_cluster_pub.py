@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
-import time
 from collections import deque
 
 from ..errors import (
     AuthenticationError,
-    BackpressureError,
     BrokerUnavailableError,
     ConfigError,
     MsightError,
     ShardedPubSubUnsupportedError,
 )
 from ._redis_conn import Endpoint, connect, hiredis, send_buffers
+from ._redis_outbox import Outbox
 from ._redis_slots import SlotMap
 
 __all__ = ["ClusterPublisher"]
@@ -51,30 +49,17 @@ class _Node:
         self.inflight: deque[_Entry] = deque()
 
 
-class ClusterPublisher:
+class ClusterPublisher(Outbox):
     """Outgoing buffer plus the writer thread that owns one socket per master."""
 
+    where = "the Redis Cluster"
+    thread_name = "msight-redis-cluster-writer"
+
     def __init__(self, slots: SlotMap, buffer_bytes: int, timeout: float) -> None:
+        super().__init__(buffer_bytes, timeout)
         self.slots = slots
-        self.buffer_bytes = buffer_bytes
-        self.timeout = timeout
-        self._cond = threading.Condition(threading.Lock())
-        self._pending: list[_Entry] = []
-        self._pending_msgs = 0  # accepted, not yet written (includes the batch in hand)
-        self._pending_bytes = 0
-        self._unreplied = 0
-        self._closing = False
-        self._abort = False
-        self._fatal: MsightError | None = None
-        self._last_problem: str | None = None
-        self._thread: threading.Thread | None = None
         self._nodes: dict[Endpoint, _Node] = {}
-        self.published = 0
-        self.unrouted = 0
-        self.failed = 0
-        self.possibly_lost = 0
         self.redirected = 0
-        self.reconnects = 0
 
     # -- caller side ----------------------------------------------------------------
 
@@ -87,82 +72,18 @@ class ClusterPublisher:
         """
         size = len(data)
         with self._cond:
-            if self._fatal is not None:
-                raise type(self._fatal)(str(self._fatal))
-            if self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
-                self._wait_for_room(size)
+            self._admit(size)
             self._pending.append((name, b"%s$%d\r\n" % (prefix, size), data))
-            self._pending_bytes += size
-            self._pending_msgs += 1
+            self._accepted(size)
             if len(self._pending) == 1:
                 self._cond.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="msight-redis-cluster-writer", daemon=True
-                )
-                self._thread.start()
 
-    def _wait_for_room(self, size: int) -> None:
-        deadline = time.monotonic() + self.timeout
-        while self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing:
-                why = f"; last error: {self._last_problem}" if self._last_problem else ""
-                raise BackpressureError(
-                    f"Redis Cluster publish buffer full ({self._pending_bytes} bytes pending, "
-                    f"bound {self.buffer_bytes}) for {self.timeout:g}s{why}"
-                )
-            self._cond.wait(remaining)
-            if self._fatal is not None:
-                raise type(self._fatal)(str(self._fatal))
-
-    def flush(self, timeout: float | None) -> None:
-        """Wait until every accepted message is acknowledged by its master.
-
-        Raises:
-            BackpressureError: not done within ``timeout`` (default: publish timeout).
-        """
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._cond:
-            while self._pending_msgs or self._unreplied:
-                if self._fatal is not None:
-                    raise type(self._fatal)(str(self._fatal))
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    why = f" (last error: {self._last_problem})" if self._last_problem else ""
-                    raise BackpressureError(
-                        f"flush timed out with {self._pending_msgs} message(s) not yet "
-                        f"delivered to the Redis Cluster{why}"
-                    )
-                self._cond.notify_all()
-                self._cond.wait(min(remaining, 0.1))
-
-    def close(self, timeout: float) -> None:
-        """Deliver what is buffered (up to ``timeout`` seconds), then stop the thread."""
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                self._abort = True
-                for node in list(self._nodes.values()):
-                    try:
-                        node.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                with self._cond:
-                    self._cond.notify_all()
-                thread.join(1.0)
-        with self._cond:
-            if self._pending_msgs:
-                logger.warning(
-                    "closing with %d message(s) undelivered: Redis Cluster unreachable",
-                    self._pending_msgs,
-                )
+    def _interrupt(self) -> None:
+        for node in list(self._nodes.values()):
+            try:
+                node.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # -- writer thread --------------------------------------------------------------
 

@@ -32,7 +32,6 @@ from typing import Any
 from ..config import RedisConfig, load_redis_config
 from ..errors import (
     AuthenticationError,
-    BackpressureError,
     BrokerUnavailableError,
     MsightError,
 )
@@ -46,6 +45,7 @@ from ._redis_conn import (
     pack_command,
     send_buffers,
 )
+from ._redis_outbox import Outbox
 from .base import Capabilities
 
 __all__ = ["RedisPubSub"]
@@ -72,112 +72,37 @@ def _flush_at_exit() -> None:
             logger.debug("flush at exit failed", exc_info=True)
 
 
-class _Publisher:
+class _Publisher(Outbox):
     """Outgoing buffer plus the writer thread that owns the publishing socket."""
 
     def __init__(self, endpoint: Endpoint, buffer_bytes: int, timeout: float) -> None:
+        super().__init__(buffer_bytes, timeout)
         self.endpoint = endpoint
-        self.buffer_bytes = buffer_bytes
-        self.timeout = timeout
-        self._cond = threading.Condition(threading.Lock())
-        self._pending: list[bytes] = []
-        self._pending_msgs = 0
-        self._pending_bytes = 0
-        self._unreplied = 0
+        self.where = f"Redis at {endpoint.address}"
         self._writer_waiting = False
-        self._closing = False
-        self._abort = False
-        self._fatal: MsightError | None = None
-        self._last_problem: str | None = None
-        self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
-        self.published = 0
-        self.unrouted = 0
-        self.failed = 0
-        self.possibly_lost = 0
         self._reply_tail = b""
-        self.reconnects = 0
         _live_publishers.add(self)
-
-    # -- caller side --------------------------------------------------------------
 
     def publish(self, prefix: bytes, data: bytes) -> None:
         size = len(data)
         with self._cond:
-            if self._fatal is not None:
-                raise type(self._fatal)(str(self._fatal))
-            if self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
-                self._wait_for_room(size)
+            self._admit(size)
             self._pending.append(b"%s$%d\r\n" % (prefix, size))
             self._pending.append(data)
             self._pending.append(b"\r\n")
-            self._pending_msgs += 1
-            self._pending_bytes += size
+            self._accepted(size)
             if self._writer_waiting:
                 self._cond.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="msight-redis-writer", daemon=True
-                )
-                self._thread.start()
-
-    def _wait_for_room(self, size: int) -> None:
-        deadline = time.monotonic() + self.timeout
-        while self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing:
-                why = f"; last error: {self._last_problem}" if self._last_problem else ""
-                raise BackpressureError(
-                    f"Redis publish buffer full ({self._pending_bytes} bytes pending for "
-                    f"{self.endpoint.address}, bound {self.buffer_bytes}) for "
-                    f"{self.timeout:g}s{why}"
-                )
-            self._cond.wait(remaining)
-            if self._fatal is not None:
-                raise type(self._fatal)(str(self._fatal))
-
-    def flush(self, timeout: float | None) -> None:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        with self._cond:
-            while self._pending_msgs or self._unreplied:
-                if self._fatal is not None:
-                    raise type(self._fatal)(str(self._fatal))
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    why = f" (last error: {self._last_problem})" if self._last_problem else ""
-                    raise BackpressureError(
-                        f"flush timed out with {self._pending_msgs} message(s) not yet "
-                        f"delivered to Redis at {self.endpoint.address}{why}"
-                    )
-                self._cond.notify_all()
-                self._cond.wait(remaining)
 
     def close(self, timeout: float) -> None:
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._cond.notify_all()
-            thread = self._thread
         _live_publishers.discard(self)
-        if thread is None:
-            return
-        thread.join(timeout)
-        if thread.is_alive():
-            self._abort = True
-            sock = self._sock
-            if sock is not None:
-                _shutdown_socket(sock)
-            with self._cond:
-                self._cond.notify_all()
-            thread.join(1.0)
-        with self._cond:
-            if self._pending_msgs:
-                logger.warning(
-                    "closing with %d message(s) undelivered: Redis at %s unreachable",
-                    self._pending_msgs,
-                    self.endpoint.address,
-                )
+        super().close(timeout)
+
+    def _interrupt(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            _shutdown_socket(sock)
 
     # -- writer thread ------------------------------------------------------------
 
