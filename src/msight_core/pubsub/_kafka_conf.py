@@ -10,12 +10,13 @@ that already exist.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
@@ -44,6 +45,7 @@ __all__ = [
     "TopicAdmin",
     "admin_conf",
     "consumer_conf",
+    "delivery_timeout",
     "producer_conf",
     "translate",
 ]
@@ -53,16 +55,46 @@ librdkafka_logger = logging.getLogger("msight_core.pubsub.kafka.librdkafka")
 
 
 class _RetriedFailuresAreWarnings(logging.Filter):
-    """librdkafka logs each failed broker connection (facility ``FAIL``) as an error,
-    though it retries, and other bootstrap servers may be fine; the outage itself
-    is reported once through ``error_cb``. Keep those lines at WARNING."""
+    """Keep librdkafka's reconnect noise out of the ERROR level and off the logs.
+
+    librdkafka logs each failed broker connection (facility ``FAIL``) as an
+    error, though it retries, and other bootstrap servers may be fine; the
+    outage itself is reported once through ``error_cb``. The first such line of
+    a client in :data:`FAIL_LOG_INTERVAL` seconds is kept as a WARNING, the rest
+    only reach DEBUG. ``FATAL`` lines of a producer become warnings too: the
+    writer replaces a failed producer and logs what it does about it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.WARNING and record.args and record.args[0] == "FAIL":
+        args = record.args
+        if record.levelno <= logging.DEBUG or not isinstance(args, tuple) or len(args) < 2:
+            return True
+        facility, client = args[0], str(args[1])
+        if facility == "FATAL" and "producer" in client:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        if facility != "FAIL":
+            return True
+        now = time.monotonic()
+        if now - self._last.get(client, -FAIL_LOG_INTERVAL) < FAIL_LOG_INTERVAL:
+            if not librdkafka_logger.isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return True
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[client] = now
+        if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
+#: Seconds between two logged connection failures of one librdkafka client.
+FAIL_LOG_INTERVAL = 30.0
 librdkafka_logger.addFilter(_RetriedFailuresAreWarnings())
 
 MiB = 1024 * 1024
@@ -140,6 +172,8 @@ def _client_conf(config: KafkaConfig, error_cb: Any) -> dict[str, Any]:
         "bootstrap.servers": ",".join(config.servers),
         "logger": librdkafka_logger,
         "socket.connection.setup.timeout.ms": max(1000, int(config.connect_timeout * 1000)),
+        # Back at most 1 s after a broker returns (librdkafka default: up to 10 s).
+        "reconnect.backoff.max.ms": 1000,
     }
     if error_cb is not None:
         conf["error_cb"] = error_cb
@@ -163,8 +197,27 @@ def admin_conf(config: KafkaConfig) -> dict[str, Any]:
     return _client_conf(config, None)
 
 
-def producer_conf(config: KafkaConfig, on_delivery: Any, error_cb: Any) -> dict[str, Any]:
-    """Idempotent, ``acks=all``, batched producer with a bounded outage buffer."""
+def delivery_timeout(config: KafkaConfig) -> float:
+    """Seconds librdkafka keeps trying an accepted message (``message.timeout.ms``).
+
+    ``KafkaConfig.delivery_timeout`` if set, else 3 x ``PublishConfig.timeout``
+    (30 s by default): a message the broker cannot take is reported as a
+    :class:`~msight_core.errors.PublishError` after that, not after librdkafka's
+    default of 300 s.
+    """
+    if config.delivery_timeout is not None:
+        return config.delivery_timeout
+    return min(3 * config.publish.timeout, 2_000_000.0)
+
+
+def producer_conf(
+    config: KafkaConfig, on_delivery: Any, error_cb: Any, stats_cb: Any = None
+) -> dict[str, Any]:
+    """Idempotent, ``acks=all``, batched producer with a bounded outage buffer.
+
+    ``stats_cb`` (optional) receives librdkafka's statistics 4 times a second;
+    the writer uses them to notice a broker that keeps rejecting its producer id.
+    """
     biggest = config.max_message_bytes + RECORD_OVERHEAD
     conf = _client_conf(config, error_cb)
     conf.update(
@@ -172,6 +225,7 @@ def producer_conf(config: KafkaConfig, on_delivery: Any, error_cb: Any) -> dict[
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            "message.timeout.ms": max(100, int(delivery_timeout(config) * 1000)),
             "message.max.bytes": min(max(1_000_000, biggest), 1_000_000_000),
             # librdkafka's own bound is the outage buffer; one maximal frame always fits.
             "queue.buffering.max.kbytes": max(
@@ -182,6 +236,9 @@ def producer_conf(config: KafkaConfig, on_delivery: Any, error_cb: Any) -> dict[
             "on_delivery": on_delivery,
         }
     )
+    if stats_cb is not None:
+        conf["stats_cb"] = stats_cb
+        conf["statistics.interval.ms"] = 250
     if not config.ordered:
         # Every message picks a partition on its own, so one publisher's burst is
         # balanced across a group (sticky batching would send it all to one member).
@@ -208,6 +265,13 @@ def consumer_conf(config: KafkaConfig, group_id: str, error_cb: Any) -> dict[str
         }
     )
     conf.update(_revealed(config.consumer))
+    if "heartbeat.interval.ms" not in conf and "session.timeout.ms" in conf:
+        # librdkafka's 3 s default is too slow for a short session: a third of it.
+        try:
+            session = int(conf["session.timeout.ms"])
+        except (TypeError, ValueError):
+            session = 45_000
+        conf["heartbeat.interval.ms"] = max(100, min(3000, session // 3))
     return conf
 
 
@@ -221,23 +285,28 @@ _known_limits: dict[tuple[tuple[str, ...], str], int] = {}
 class TopicAdmin:
     """Creates missing topics and learns each topic's ``max.message.bytes``.
 
-    Thread-safe. Every call is bounded by ``config.connect_timeout``.
+    Thread-safe. Every call is bounded by ``config.connect_timeout``. Each call
+    uses its own short-lived ``AdminClient``, released (after its log lines
+    were served) when the call returns: an idle client kept open would
+    reconnect through every outage and queue log lines that nobody serves.
     """
 
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
-        self._client: AdminClient | None = None
-        self._lock = threading.Lock()
 
-    @property
-    def client(self) -> AdminClient:
-        with self._lock:
-            if self._client is None:
-                try:
-                    self._client = AdminClient(admin_conf(self.config))
-                except (KafkaException, ValueError, TypeError) as exc:
-                    raise ConfigError(f"invalid Kafka client settings: {exc}") from None
-            return self._client
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[AdminClient]:
+        try:
+            client = AdminClient(admin_conf(self.config))
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid Kafka client settings: {exc}") from None
+        try:
+            yield client
+        finally:
+            try:
+                client.poll(0)  # serve its log lines through librdkafka_logger
+            except (KafkaException, RuntimeError):
+                pass
 
     def ensure_topic(self, name: str) -> tuple[int, bool]:
         """Make sure ``name`` exists; return ``(max.message.bytes, created_now)``.
@@ -253,24 +322,35 @@ class TopicAdmin:
         if known is not None:
             return known, False
         timeout = self.config.connect_timeout
-        client = self.client
-        try:
-            metadata = client.list_topics(timeout=timeout)
-        except KafkaException as exc:
-            raise translate(exc, f"reaching the broker at {','.join(self.config.servers)}") from exc
-        topic = metadata.topics.get(name)
-        created = False
-        if topic is None or topic.error is not None or not topic.partitions:
-            created = self._create(name, timeout)
-        limit = self.config.max_message_bytes if created else self._describe(name, timeout)
+        with self._connected() as client:
+            try:
+                metadata = client.list_topics(timeout=timeout)
+            except KafkaException as exc:
+                where = ",".join(self.config.servers)
+                raise translate(exc, f"reaching the broker at {where}") from exc
+            topic = metadata.topics.get(name)
+            created = False
+            if topic is None or topic.error is not None or not topic.partitions:
+                created = self._create(client, name, timeout)
+            limit = self.config.max_message_bytes if created else self._describe(client, name)
         with _limits_lock:
             _known_limits[key] = limit
         return limit, created
 
+    def forget(self, name: str) -> None:
+        """Drop what is known about ``name`` (it disappeared): the next
+        :meth:`ensure_topic` checks the broker again and re-creates it."""
+        with _limits_lock:
+            _known_limits.pop((self.config.servers, name), None)
+
     def partitions(self, name: str) -> int:
         """Partition count of ``name`` (0 if it does not exist)."""
+        with self._connected() as client:
+            return self._partitions(client, name)
+
+    def _partitions(self, client: AdminClient, name: str) -> int:
         try:
-            metadata = self.client.list_topics(name, timeout=self.config.connect_timeout)
+            metadata = client.list_topics(name, timeout=self.config.connect_timeout)
         except KafkaException as exc:
             raise translate(exc, f"reading metadata of {name!r}") from exc
         topic = metadata.topics.get(name)
@@ -278,16 +358,14 @@ class TopicAdmin:
             return 0
         return len(topic.partitions)
 
-    def _create(self, name: str, timeout: float) -> bool:
+    def _create(self, client: AdminClient, name: str, timeout: float) -> bool:
         new = NewTopic(
             name,
             num_partitions=self.config.num_partitions,
             replication_factor=self.config.replication_factor,
             config={"max.message.bytes": str(self.config.max_message_bytes)},
         )
-        futures = self.client.create_topics(
-            [new], operation_timeout=timeout, request_timeout=timeout
-        )
+        futures = client.create_topics([new], operation_timeout=timeout, request_timeout=timeout)
         try:
             futures[name].result(timeout + 1)
         except KafkaException as exc:
@@ -307,16 +385,16 @@ class TopicAdmin:
         )
         # The new topic's metadata can lag a moment on some brokers.
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.partitions(name):
+        while time.monotonic() < deadline and not self._partitions(client, name):
             time.sleep(0.05)
         return True
 
-    def _describe(self, name: str, timeout: float) -> int:
+    def _describe(self, client: AdminClient, name: str) -> int:
+        timeout = self.config.connect_timeout
         resource = ConfigResource("topic", name)
         try:
-            entries = self.client.describe_configs([resource], request_timeout=timeout)[
-                resource
-            ].result(timeout + 1)
+            futures = client.describe_configs([resource], request_timeout=timeout)
+            entries = futures[resource].result(timeout + 1)
         except (KafkaException, TimeoutError) as exc:
             logger.warning(
                 "could not read max.message.bytes of Kafka topic %r (%s); assuming the "

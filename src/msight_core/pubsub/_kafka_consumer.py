@@ -172,12 +172,22 @@ class KafkaReader:
         return int(self.call(lambda: self._seek(name, where), self._timeout * 2 + 5))
 
     def close(self) -> None:
-        """Commit what was processed and leave the group; bounded in time."""
+        """Commit what was processed and leave the group; bounded in time.
+
+        Blocks for one round trip when the broker is reachable; at most
+        ``min(connect_timeout, publish.timeout) + 1`` seconds when it is not (the
+        reader thread then finishes on its own, nothing more can be committed).
+        """
         with self._cond:
             self._stop = True
-        self._thread.join(self._timeout + 5)
+        bound = min(self._timeout, self.config.publish.timeout) + 1.0
+        self._thread.join(bound)
         if self._thread.is_alive():
-            logger.warning("Kafka consumer did not close within %gs", self._timeout + 5)
+            logger.warning(
+                "Kafka consumer did not close within %gs (broker unreachable?); "
+                "uncommitted messages will be delivered again",
+                bound,
+            )
 
     # -- reader thread ------------------------------------------------------------------
 

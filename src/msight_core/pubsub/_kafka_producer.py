@@ -3,8 +3,27 @@
 One idempotent, ``acks=all`` librdkafka producer per backend. ``publish()``
 only hands the record to librdkafka, which batches (``linger.ms``) and sends in
 the background; a daemon thread serves delivery reports. Reports come only for
-failures (``delivery.report.only.error``), are counted per topic and raised as
-:class:`PublishError` from the next ``publish()``, ``flush()`` or ``close()``.
+failures (``delivery.report.only.error``); a failure that cannot be repaired is
+counted per topic and raised as :class:`PublishError` from the next
+``publish()``, ``flush()`` or ``close()``. librdkafka gives up on a message
+after ``message.timeout.ms`` (:func:`~._kafka_conf.delivery_timeout`).
+
+Recovery, with no user code:
+
+* **The broker lost the producer's idempotence state** (a restarted in-memory
+  broker, or an expired producer id on a real Kafka): librdkafka raises a fatal
+  error, or (tansu) keeps bumping its epoch while the broker rejects every
+  request. A fatal producer cannot be reused, so the report thread builds a new
+  one, purges the old one and re-produces everything the old one reported as
+  not delivered (queued or in flight): at-least-once, duplicates only among
+  what was in flight.
+* **A topic disappeared** (deleted, or a broker that lost its metadata):
+  deliveries fail with an unknown topic/partition; the topic's cached limit is
+  dropped, the topic is created again (the library's partitions and
+  ``max.message.bytes``) and the failed messages are re-produced.
+
+A re-produced message is given up (and reported) once it could not be
+delivered within another ``delivery_timeout``.
 
 Frames larger than the topic's ``max.message.bytes`` are split into chunks sent
 with one key (so one partition, in order) and a ``msight.chunk`` header; the
@@ -14,22 +33,26 @@ value is exactly the published bytes.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
 import os
 import threading
 import time
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..config import KafkaConfig
-from ..errors import BackpressureError, ConfigError, PublishError
+from ..errors import BackpressureError, ConfigError, MsightError, PublishError
 from ._kafka_conf import (
     CHUNK_HEADER,
     CHUNK_STRUCT,
     RECORD_OVERHEAD,
     TopicAdmin,
+    delivery_timeout,
     producer_conf,
     translate,
 )
@@ -38,12 +61,81 @@ __all__ = ["KafkaWriter"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
-_POLL_INTERVAL = 0.1
-_FATAL_CODES = {KafkaError._FATAL, KafkaError._FENCED}
+_POLL_INTERVAL = 0.05
+#: Reported for messages a replaced (fatal) producer had not delivered: re-produce them.
+_PRODUCER_LOST = {
+    KafkaError._FATAL,
+    KafkaError._FENCED,
+    KafkaError._PURGE_QUEUE,
+    KafkaError._PURGE_INFLIGHT,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+}
+#: The topic is gone: create it again, then re-produce.
+_TOPIC_LOST = {
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+}
+#: Epoch bumps per statistics interval that mean the broker rejects our producer id.
+_EPOCH_BUMPS = 3
+#: Seconds a replaced producer is polled for the reports of its purged messages.
+_RETIRE_WAIT = 5.0
+_ENSURE_INTERVAL = 1.0
+
+
+def _fatal(exc: BaseException) -> Any:
+    """The ``KafkaError`` of ``exc`` if it says the producer failed for good, else None."""
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    if err is not None and (err.fatal() or err.code() in (KafkaError._FATAL, KafkaError._FENCED)):
+        return err
+    return None
+
+
+class _Retry(NamedTuple):
+    topic: str
+    value: bytes
+    key: Any
+    headers: Any
+    deadline: float  # monotonic: give up (report) after this
+    reason: str
+
+
+class _Epochs:
+    """Notices a producer whose epoch keeps being bumped (from its statistics).
+
+    librdkafka answers UNKNOWN_PRODUCER_ID without risk of duplicates by bumping
+    the epoch locally; a real Kafka accepts that once. A broker that lost the
+    producer id for good (tansu after a restart) rejects every epoch, so the
+    producer loops until ``message.timeout.ms``: the writer replaces it instead.
+    """
+
+    def __init__(self, writer: KafkaWriter) -> None:
+        self.writer = writer
+        self.pid = -1
+        self.epoch = -1
+        self.bumping = 0
+        self.retired = False
+
+    def __call__(self, stats_json: str) -> None:
+        try:
+            eos = json.loads(stats_json).get("eos") or {}
+            pid, epoch = int(eos.get("producer_id", -1)), int(eos.get("producer_epoch", -1))
+        except (ValueError, TypeError, AttributeError):
+            return
+        bumped = epoch - self.epoch if pid == self.pid and pid >= 0 and self.epoch >= 0 else 0
+        self.pid, self.epoch = pid, epoch
+        self.bumping = self.bumping + 1 if bumped > 0 else 0
+        if not self.retired and (bumped >= _EPOCH_BUMPS or self.bumping >= 2):
+            self.writer.request_rebuild(
+                f"the broker keeps rejecting producer id {pid} (epoch bumped to {epoch}): "
+                "it lost the producer's idempotence state"
+            )
 
 
 class KafkaWriter:
-    """Producer, delivery-report thread and the per-topic frame limits."""
+    """Producer, delivery-report thread, recovery and the per-topic frame limits."""
 
     def __init__(self, config: KafkaConfig, admin: TopicAdmin) -> None:
         self.config = config
@@ -55,58 +147,214 @@ class KafkaWriter:
         self._learn_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
         self._fail_lock = threading.Lock()
+        # Held around produce() and the producer swap: nothing goes into a retired one.
+        self._swap_lock = threading.Lock()
         self._failed: dict[str, int] = {}
         self._reasons: dict[str, str] = {}
-        self._fatal: str | None = None
+        self._retry: deque[_Retry] = deque()
+        self._missing: dict[str, float] = {}  # vanished topic -> next ensure attempt
+        self._rebuild_reason: str | None = None
+        self._retiring: list[tuple[Producer, _Epochs, float]] = []
+        self._closing = False
         self._outage_logged = False
         self._stop = threading.Event()
-        try:
-            self.producer = Producer(producer_conf(config, self._on_delivery, self._on_error))
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigError(f"invalid Kafka producer settings: {exc}") from None
+        self._timeout = delivery_timeout(config)
+        self._epochs = _Epochs(self)
+        self.producer = self._new_producer(self._epochs)
         self.max_record = int(producer_conf(config, None, None)["message.max.bytes"])
         self.published = 0
         self.chunked_frames = 0
         self.failed_total = 0
+        self.rebuilds = 0
+        self.resent = 0
         self._thread = threading.Thread(target=self._serve, name="msight-kafka-dr", daemon=True)
         self._thread.start()
 
-    # -- callbacks (delivery-report thread) -----------------------------------------
+    def _new_producer(self, epochs: _Epochs) -> Producer:
+        try:
+            return Producer(producer_conf(self.config, self._on_delivery, self._on_error, epochs))
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid Kafka producer settings: {exc}") from None
+
+    # -- callbacks (report thread, or a thread in flush()) -------------------------------
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is None:
-            return
+        if err is not None:
+            self._failed_delivery(err, msg, None, None)
+
+    def _on_delivery_with(self, headers: Any, deadline: float | None, err: Any, msg: Any) -> None:
+        # Reports carry no headers (confluent-kafka): chunks and re-sends bring theirs.
+        if err is not None:
+            self._failed_delivery(err, msg, headers, deadline)
+
+    def _failed_delivery(self, err: Any, msg: Any, headers: Any, deadline: float | None) -> None:
         topic = msg.topic() or "?"
+        code = err.code()
+        if not self._closing and (code in _PRODUCER_LOST or code in _TOPIC_LOST):
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self._timeout
+            if now < deadline:
+                if code in _TOPIC_LOST:
+                    self._missing.setdefault(topic, 0.0)
+                # Producer-lost codes come from a producer already being replaced
+                # (error_cb/poll report the fatal error itself): just re-send.
+                value = msg.value() or b""
+                self._retry.append(_Retry(topic, value, msg.key(), headers, deadline, err.str()))
+                return
+        self._record_failure(topic, err.str())
+
+    def _record_failure(self, topic: str, reason: str, count: int = 1) -> None:
         with self._fail_lock:
-            self._failed[topic] = self._failed.get(topic, 0) + 1
-            self._reasons.setdefault(topic, err.str())
-            self.failed_total += 1
-            first = self._failed[topic] == 1
+            first = topic not in self._failed
+            self._failed[topic] = self._failed.get(topic, 0) + count
+            self._reasons.setdefault(topic, reason)
+            self.failed_total += count
         if first:
-            logger.error("Kafka delivery to topic %r failed: %s", topic, err.str())
+            logger.error("Kafka delivery to topic %r failed: %s", topic, reason)
 
     def _on_error(self, err: Any) -> None:
-        if err.code() in _FATAL_CODES or err.fatal():
-            self._fatal = err.str()
-            logger.error("Kafka producer failed fatally: %s", err.str())
+        if err.fatal() or err.code() in (KafkaError._FATAL, KafkaError._FENCED):
+            self.request_rebuild(err.str())
         elif not self._outage_logged:
             self._outage_logged = True
             logger.warning("Kafka producer: %s (buffering and retrying)", err.str())
+
+    def request_rebuild(self, reason: str) -> None:
+        """Ask the report thread to replace the producer (it failed for good)."""
+        if self._rebuild_reason is None and not self._closing:
+            self._rebuild_reason = reason
+            logger.warning("Kafka producer failed: %s; replacing it", reason)
+
+    # -- report thread ----------------------------------------------------------------
 
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 if self.producer.poll(_POLL_INTERVAL) and self._outage_logged:
                     self._outage_logged = False
+            except KafkaException as exc:
+                self._poll_failed(exc)
             except Exception:  # never let a callback error kill the report thread
                 logger.exception("Kafka delivery-report thread error")
+            try:
+                self._repair()
+            except Exception:
+                logger.exception("Kafka producer recovery error")
+                time.sleep(_POLL_INTERVAL)
+
+    def _poll_failed(self, exc: KafkaException) -> None:
+        err = _fatal(exc)
+        if err is not None:
+            self.request_rebuild(err.str())  # poll() raises while the producer is fatal
+        else:
+            logger.warning("Kafka producer poll: %s", exc)
+            time.sleep(_POLL_INTERVAL)
+
+    def _repair(self) -> None:
+        if self._rebuild_reason is not None and not self._closing:
+            self._rebuild()
+        if self._retiring:
+            self._drain_retired(time.monotonic() + 0.05)
+        if self._missing:
+            self._ensure_missing()
+        if self._retry:
+            self._resend()
+
+    def _rebuild(self) -> None:
+        epochs = _Epochs(self)
+        new = self._new_producer(epochs)
+        with self._swap_lock:
+            old, self.producer = self.producer, new
+            old_epochs, self._epochs = self._epochs, epochs
+            reason, self._rebuild_reason = self._rebuild_reason, None
+        old_epochs.retired = True
+        self.rebuilds += 1
+        logger.warning(
+            "replaced the Kafka producer (%s); re-sending the %d message(s) it had not delivered",
+            reason,
+            len(old),
+        )
+        self._retiring.append((old, old_epochs, time.monotonic() + _RETIRE_WAIT))
+        self._purge(old)
+
+    @staticmethod
+    def _purge(producer: Producer) -> None:
+        try:
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+        except (KafkaException, RuntimeError) as exc:
+            logger.debug("purging a Kafka producer: %s", exc)
+
+    def _drain_retired(self, until: float) -> None:
+        """Serve the reports of retired producers (their messages go to ``_retry``)."""
+        while self._retiring:
+            for entry in list(self._retiring):
+                old, _, give_up = entry
+                try:
+                    old.poll(0)
+                except (KafkaException, RuntimeError):
+                    pass
+                left = len(old)
+                if left and time.monotonic() >= give_up:
+                    self._record_failure(
+                        ",".join(self._limits) or "?", "lost with a failed producer", left
+                    )
+                    left = 0
+                if not left:
+                    self._retiring.remove(entry)
+            if not self._retiring or time.monotonic() >= until:
+                return
+            time.sleep(0.005)
+
+    def _ensure_missing(self) -> None:
+        now = time.monotonic()
+        for name, due in list(self._missing.items()):
+            if now < due:
+                continue
+            self._limits.pop(name, None)
+            self.admin.forget(name)
+            try:
+                self.admin.ensure_topic(name)
+            except MsightError as exc:
+                logger.warning("Kafka topic %r is gone and could not be created: %s", name, exc)
+                self._missing[name] = now + _ENSURE_INTERVAL
+                continue
+            logger.warning("Kafka topic %r disappeared; it exists again, re-sending", name)
+            self._missing.pop(name, None)
+
+    def _resend(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._retry)):
+            item = self._retry.popleft()
+            if now >= item.deadline:
+                self._record_failure(item.topic, item.reason)
+                continue
+            if item.topic in self._missing:
+                self._retry.append(item)
+                continue
+            callback = functools.partial(self._on_delivery_with, item.headers, item.deadline)
+            try:
+                with self._swap_lock:
+                    self.producer.produce(
+                        item.topic, item.value, item.key, on_delivery=callback, headers=item.headers
+                    )
+            except BufferError:
+                self._retry.appendleft(item)  # full: the next round
+                return
+            except KafkaException as exc:
+                err = _fatal(exc)
+                if err is not None:
+                    self.request_rebuild(err.str())
+                    self._retry.appendleft(item)
+                    return
+                self._record_failure(item.topic, str(exc))
+                continue
+            self.resent += 1
 
     # -- caller side ------------------------------------------------------------------
 
     def raise_failures(self) -> None:
         """Raise (once) for deliveries that failed since the last call."""
-        if self._fatal is not None:
-            raise PublishError(f"Kafka producer failed fatally: {self._fatal}")
         if not self._failed:
             return
         with self._fail_lock:
@@ -128,7 +376,7 @@ class KafkaWriter:
         return limit
 
     def publish(self, name: str, data: bytes) -> None:
-        if self._failed or self._fatal is not None:
+        if self._failed:
             self.raise_failures()
         limit = self._limits.get(name) or self.limit(name)
         if len(data) <= limit:
@@ -147,35 +395,70 @@ class KafkaWriter:
         # lets the consumer drop a frame whose producer moved on without finishing.
         with self._chunk_lock:
             for index in range(count):
-                header = CHUNK_STRUCT.pack(frame_id, index, count)
+                headers = [(CHUNK_HEADER, CHUNK_STRUCT.pack(frame_id, index, count))]
                 chunk = bytes(view[index * size : (index + 1) * size])
-                self._produce(name, chunk, key, [(CHUNK_HEADER, header)])
+                self._produce(name, chunk, key, headers)
         self.chunked_frames += 1
 
     def _produce(self, name: str, value: bytes, key: Any, headers: Any) -> None:
-        try:
-            self.producer.produce(name, value, key, headers=headers)
-            return
-        except BufferError:
-            pass
-        except KafkaException as exc:
-            raise translate(exc, f"publishing to {name!r}") from exc
-        timeout = self.config.publish.timeout
-        deadline = time.monotonic() + timeout
+        callback = None
+        if headers is not None:
+            callback = functools.partial(self._on_delivery_with, headers, None)
+        deadline = 0.0
         while True:
-            time.sleep(0.005)
             try:
-                self.producer.produce(name, value, key, headers=headers)
+                with self._swap_lock:
+                    if callback is None:
+                        self.producer.produce(name, value, key)
+                    else:
+                        self.producer.produce(
+                            name, value, key, on_delivery=callback, headers=headers
+                        )
                 return
             except BufferError:
-                if time.monotonic() >= deadline:
-                    raise BackpressureError(
-                        f"Kafka publish buffer full for {timeout:g}s "
-                        f"({len(self.producer)} message(s) waiting; topic {name!r}); "
-                        "the broker is unreachable or slower than the publishers"
-                    ) from None
+                why = "the broker is unreachable or slower than the publishers"
             except KafkaException as exc:
-                raise translate(exc, f"publishing to {name!r}") from exc
+                err = _fatal(exc)
+                if err is None:
+                    raise translate(exc, f"publishing to {name!r}") from exc
+                self.request_rebuild(err.str())  # the report thread replaces it
+                why = "the producer is being replaced"
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + self.config.publish.timeout
+            elif now >= deadline:
+                raise BackpressureError(
+                    f"Kafka publish buffer full for {self.config.publish.timeout:g}s "
+                    f"({len(self.producer)} message(s) waiting; topic {name!r}); {why}"
+                )
+            time.sleep(0.005)
+
+    def pending(self) -> int:
+        """Messages accepted and not yet delivered or reported."""
+        return (
+            len(self.producer)
+            + len(self._retry)
+            + sum(len(old) for old, _, _ in self._retiring)
+            + (1 if self._rebuild_reason is not None else 0)
+        )
+
+    def _wait(self, wait: float) -> int:
+        """Flush for up to ``wait`` seconds, through producer replacements."""
+        deadline = time.monotonic() + wait
+        while True:
+            producer = self.producer
+            started = time.monotonic()
+            step = max(0.0, min(0.2, deadline - started))
+            try:
+                producer.flush(step)
+            except KafkaException as exc:
+                self._poll_failed(exc)
+            pending = self.pending()
+            now = time.monotonic()
+            if not pending or now >= deadline:
+                return pending
+            if now - started < step / 2:  # the rest is with the report thread
+                time.sleep(0.01)
 
     def flush(self, timeout: float | None) -> None:
         """Wait until everything accepted was delivered (or failed).
@@ -185,7 +468,7 @@ class KafkaWriter:
             PublishError: a delivery failed.
         """
         wait = self.config.publish.timeout if timeout is None else timeout
-        remaining = self.producer.flush(wait)
+        remaining = self._wait(wait)
         self.raise_failures()
         if remaining:
             raise BackpressureError(
@@ -194,19 +477,37 @@ class KafkaWriter:
             )
 
     def close(self) -> None:
-        """Flush (bounded by the publish timeout), stop the report thread."""
+        """Flush (bounded by the publish timeout), stop the report thread.
+
+        Raises:
+            PublishError: messages could not be delivered (they are purged).
+        """
         try:
-            remaining = self.producer.flush(self.config.publish.timeout)
-            if remaining:
-                logger.warning(
-                    "closing the Kafka producer with %d message(s) undelivered "
-                    "(broker unreachable for %gs)",
-                    remaining,
-                    self.config.publish.timeout,
-                )
-                self.producer.purge()
-                self.producer.poll(0)
+            remaining = self._wait(self.config.publish.timeout)
         finally:
+            self._closing = True
             self._stop.set()
             self._thread.join(2.0)
+        if remaining:
+            logger.warning(
+                "closing the Kafka producer with %d message(s) undelivered "
+                "(broker unreachable for %gs)",
+                remaining,
+                self.config.publish.timeout,
+            )
+        for producer in [self.producer] + [old for old, _, _ in self._retiring]:
+            self._purge(producer)
+            until = time.monotonic() + 1.0
+            while len(producer) and time.monotonic() < until:
+                try:
+                    producer.poll(0.01)  # purged messages are reported as failures
+                except (KafkaException, RuntimeError):
+                    time.sleep(0.01)
+            left = len(producer)
+            if left:
+                self._record_failure(",".join(self._limits) or "?", "not delivered", left)
+        self._retiring.clear()
+        while self._retry:
+            item = self._retry.popleft()
+            self._record_failure(item.topic, item.reason)
         self.raise_failures()

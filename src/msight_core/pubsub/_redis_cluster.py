@@ -43,7 +43,14 @@ from ..errors import (
 )
 from ._core import Delivery, QueueBackend, ReceiveQueue
 from ._redis_cluster_pub import ClusterPublisher
-from ._redis_conn import Endpoint, connect, endpoint_from_config, endpoint_from_kwargs, hiredis
+from ._redis_conn import (
+    Endpoint,
+    ReplyStream,
+    connect,
+    endpoint_from_config,
+    endpoint_from_kwargs,
+    hiredis,
+)
 from ._redis_conn import pack_command as _pack
 from ._redis_slots import SlotMap, parse_node
 from .redis import RedisPubSub
@@ -52,9 +59,6 @@ __all__ = ["RedisClusterPubSub", "ShardedPubSubUnsupportedError", "cluster_seeds
 
 logger = logging.getLogger("msight_core.pubsub.redis")
 
-_RECV_CHUNK = 1024 * 1024
-_BIG_RECV_CHUNK = 16 * 1024 * 1024
-_FEED_SLICE = 16 * 1024
 _RETRY_MIN, _RETRY_MAX = 0.05, 0.25
 _CLOSE_TIMEOUT = 5.0
 _FATAL = (AuthenticationError, ShardedPubSubUnsupportedError, ConfigError)
@@ -100,9 +104,8 @@ class _SubConn:
     def __init__(self, endpoint: Endpoint, sock: socket.socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
-        self.reader = hiredis.Reader()
+        self.stream = ReplyStream(sock)
         self.names: set[str] = set()
-        self.small = True
         self.is_tls = hasattr(sock, "pending")
 
 
@@ -124,8 +127,6 @@ class _ClusterSubscriber:
         self._lost_at: float | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._view = memoryview(bytearray(_RECV_CHUNK))
-        self._big_view: memoryview | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
         self.reconnects = 0
@@ -272,39 +273,16 @@ class _ClusterSubscriber:
         self._retry_wait = min(self._retry_wait * 2, _RETRY_MAX)
 
     def _read(self, conn: _SubConn) -> None:
-        if conn.small:
-            target = self._view
-        else:  # inside a big frame: receive in large steps to keep the feeds few
-            if self._big_view is None:
-                self._big_view = memoryview(bytearray(_BIG_RECV_CHUNK))
-            target = self._big_view
-        n = conn.sock.recv_into(target)
-        if not n:
-            raise ConnectionResetError(f"connection closed by {conn.endpoint.address}")
-        reader = conn.reader
         batch: list[Delivery] = []
-        offset = 0
-        while offset < n:
-            # hiredis moves its unparsed tail after each reply: feed small slices
-            # while they yield replies, the rest at once while inside a big frame.
-            step = min(_FEED_SLICE if conn.small else n - offset, n - offset)
-            reader.feed(target, offset, step)
-            offset += step
-            produced = False
-            while True:
-                reply = reader.gets()
-                if reply is False:
-                    break
-                produced = True
-                if type(reply) is list and len(reply) == 3:
-                    kind = reply[0]
-                    if kind == b"smessage":
-                        batch.append(Delivery(reply[1].decode(), reply[2]))
-                        continue
-                    self._control(conn, kind, reply[1].decode())
-                elif isinstance(reply, hiredis.ReplyError):
-                    self._refused(conn, str(reply))
-            conn.small = produced
+        for reply in conn.stream.read():
+            if type(reply) is list and len(reply) == 3:
+                kind = reply[0]
+                if kind == b"smessage":
+                    batch.append(Delivery(reply[1].decode(), reply[2]))
+                    continue
+                self._control(conn, kind, reply[1].decode())
+            elif isinstance(reply, hiredis.ReplyError):
+                self._refused(conn, str(reply))
         if batch:
             self.queue.put_many(batch)
 

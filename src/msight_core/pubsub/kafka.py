@@ -203,13 +203,16 @@ class KafkaPubSub(QueueBackend):
             raise translate(exc, f"replaying {name!r}") from exc
 
     def stats(self) -> dict[str, Any]:
-        """Counters: delivered/queued (base), published, delivery failures, frames."""
+        """Counters: delivered/queued (base), published, delivery failures, frames,
+        producers replaced after a fatal error and messages re-sent by them."""
         out = super().stats()
         if self._writer is not None:
             out.update(
                 published=self._writer.published,
                 chunked_frames_sent=self._writer.chunked_frames,
                 delivery_failures=self._writer.failed_total,
+                producer_rebuilds=self._writer.rebuilds,
+                resent=self._writer.resent,
             )
         if self._reader is not None:
             out.update(

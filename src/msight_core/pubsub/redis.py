@@ -38,6 +38,7 @@ from ..errors import (
 from ._core import Delivery, QueueBackend, ReceiveQueue
 from ._redis_conn import (
     Endpoint,
+    ReplyStream,
     connect,
     endpoint_from_client,
     endpoint_from_config,
@@ -53,9 +54,7 @@ __all__ = ["RedisPubSub"]
 logger = logging.getLogger(__name__)
 
 _REPLY_HIGH_WATER = 8192  # read replies once this many are outstanding
-_RECV_CHUNK = 1024 * 1024
-_FEED_SLICE = 16 * 1024
-_BIG_RECV_CHUNK = 16 * 1024 * 1024
+_REPLY_CHUNK = 256 * 1024
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
 _CLOSE_TIMEOUT = 5.0
 
@@ -192,7 +191,7 @@ class _Publisher(Outbox):
         assert sock is not None
         tail = self._reply_tail
         while self._unreplied:
-            data = sock.recv(_RECV_CHUNK)
+            data = sock.recv(_REPLY_CHUNK)
             if not data:
                 raise ConnectionResetError("connection closed by Redis")
             data = tail + data if tail else data
@@ -295,8 +294,7 @@ class _Subscriber:
                         outage = time.monotonic() - lost_at
                         self.outage_seconds += outage
                         logger.warning(
-                            "subscriber reconnected to Redis at %s after %.2fs; "
-                            "resubscribed to %s",
+                            "subscriber reconnected to Redis at %s after %.2fs; resubscribed to %s",
                             self.endpoint.address,
                             outage,
                             ", ".join(self._names),
@@ -329,16 +327,13 @@ class _Subscriber:
 
     def _drain(self, sock: socket.socket) -> None:
         """Read until the connection fails or the subscriber closes."""
-        reader = hiredis.Reader()
-        view = memoryview(bytearray(_RECV_CHUNK))
-        big_view: memoryview | None = None
+        stream = ReplyStream(sock)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         is_tls = hasattr(sock, "pending")
         names: dict[bytes, str] = {}
         put_many = self.queue.put_many
-        small = True
         while not self._closed:
             if self._outbox:
                 with self._lock:
@@ -354,50 +349,24 @@ class _Subscriber:
                         pass
                     if not any(fd == sock.fileno() for fd, _ in events):
                         continue
-            if small:
-                target = view
-            else:
-                # Inside a big frame: every feed makes hiredis grow its buffer, so
-                # receive in large steps to keep the feeds few.
-                if big_view is None:
-                    big_view = memoryview(bytearray(_BIG_RECV_CHUNK))
-                target = big_view
-            n = sock.recv_into(target)
-            if not n:
-                raise ConnectionResetError("connection closed by Redis")
-            # hiredis moves its unparsed tail after every reply, so feeding a whole
-            # megabyte of small messages costs O(n^2): feed small slices while they
-            # yield replies, and the rest at once while inside one big frame.
             batch: list[Delivery] = []
-            offset = 0
-            while offset < n:
-                step = _FEED_SLICE if small else n - offset
-                step = min(step, n - offset)
-                reader.feed(target, offset, step)
-                offset += step
-                produced = False
-                while True:
-                    reply = reader.gets()
-                    if reply is False:
-                        break
-                    produced = True
-                    if type(reply) is list and len(reply) == 3:
-                        kind = reply[0]
-                        if kind == b"message":
-                            channel = reply[1]
-                            name = names.get(channel)
-                            if name is None:
-                                name = names[channel] = channel.decode()
-                            batch.append(Delivery(name, reply[2]))
-                            continue
-                        if kind == b"subscribe":
-                            event = self._confirmed.get(reply[1].decode())
-                            if event is not None:
-                                event.set()
-                            continue
-                    if isinstance(reply, hiredis.ReplyError):
-                        logger.error("Redis refused a subscription: %s", reply)
-                small = produced
+            for reply in stream.read():
+                if type(reply) is list and len(reply) == 3:
+                    kind = reply[0]
+                    if kind == b"message":
+                        channel = reply[1]
+                        name = names.get(channel)
+                        if name is None:
+                            name = names[channel] = channel.decode()
+                        batch.append(Delivery(name, reply[2]))
+                        continue
+                    if kind == b"subscribe":
+                        event = self._confirmed.get(reply[1].decode())
+                        if event is not None:
+                            event.set()
+                        continue
+                if isinstance(reply, hiredis.ReplyError):
+                    logger.error("Redis refused a subscription: %s", reply)
             if batch:
                 put_many(batch)
 
