@@ -79,6 +79,9 @@ def test_sub_group_members_share_messages(cli: Any, nats_server: Any, unique_top
 def test_broker_command_prints_exports_and_stops_on_ctrl_c(cli: Any, kind: str) -> None:
     broker = cli.start("broker", kind, env=cli.env())
     broker.wait_line("Ctrl-C to stop", timeout=30, stream="err")
+    # stdout and stderr are read by separate threads: wait for the exports too.
+    server_var = "MSIGHT_NATS_SERVERS" if kind == "nats" else "MSIGHT_REDIS_MESSAGE_BROKER_PORT"
+    broker.wait_line(server_var, timeout=30, stream="out")
     exports = dict(
         line.removeprefix("export ").split("=", 1) for line in broker.stdout.splitlines()
     )
