@@ -254,6 +254,10 @@ class KafkaConfig:
     connect_timeout: float = 10.0
     """Seconds to wait for the broker before raising ``BrokerUnavailableError``
     (``MSIGHT_KAFKA_CONNECT_TIMEOUT``)."""
+    delivery_timeout: float | None = None
+    """Seconds the producer keeps trying to deliver an accepted message before
+    reporting it as failed (librdkafka ``message.timeout.ms``;
+    ``MSIGHT_KAFKA_DELIVERY_TIMEOUT``). Default: 3 x ``publish.timeout``."""
     producer: Mapping[str, Any] = field(default_factory=dict)
     consumer: Mapping[str, Any] = field(default_factory=dict)
     client: Mapping[str, Any] = field(default_factory=dict)
@@ -274,6 +278,8 @@ class KafkaConfig:
             raise ConfigError("Kafka start must be 'earliest' or 'latest'")
         if not self.connect_timeout > 0:
             raise ConfigError("Kafka connect_timeout must be > 0")
+        if self.delivery_timeout is not None and not 0 < self.delivery_timeout < 2**31 / 1000:
+            raise ConfigError("Kafka delivery_timeout must be a positive number of seconds")
         for name in ("producer", "consumer", "client"):
             props = dict(getattr(self, name))
             for key, value in props.items():
@@ -562,6 +568,7 @@ def load_kafka_config(
         start=start,
         ordered=e.bool(p + "ORDERED", False),
         connect_timeout=e.float(p + "CONNECT_TIMEOUT", KafkaConfig.connect_timeout),
+        delivery_timeout=e.float(p + "DELIVERY_TIMEOUT", 0.0) or None,
         producer=e.prefixed(p + "PRODUCER_"),
         consumer=e.prefixed(p + "CONSUMER_"),
         client=e.prefixed(p + "CLIENT_"),

@@ -230,7 +230,8 @@ def test_slow_application_pauses_instead_of_dropping(
         message = sub.receive(1.0)
         if message is not None:
             got.append(message.data)
-            assert sub.stats()["queued"] <= 10
+            # The queue's bound, plus the batch listen() took out of it (at most as many).
+            assert sub.stats()["queued"] <= 2 * 10
         if len(got) % 50 == 0:
             time.sleep(0.3)  # the application falls behind now and then
     assert sorted(got) == sorted(sent)

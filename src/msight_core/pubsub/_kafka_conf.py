@@ -174,6 +174,9 @@ def _client_conf(config: KafkaConfig, error_cb: Any) -> dict[str, Any]:
         "socket.connection.setup.timeout.ms": max(1000, int(config.connect_timeout * 1000)),
         # Back at most 1 s after a broker returns (librdkafka default: up to 10 s).
         "reconnect.backoff.max.ms": 1000,
+        # Topics are created by TopicAdmin with the configured partitions and
+        # max.message.bytes, never by the broker's defaults behind our back.
+        "allow.auto.create.topics": False,
     }
     if error_cb is not None:
         conf["error_cb"] = error_cb
@@ -226,6 +229,9 @@ def producer_conf(
             "acks": "all",
             "linger.ms": 5,
             "message.timeout.ms": max(100, int(delivery_timeout(config) * 1000)),
+            # A topic missing from the metadata fails its messages after 1 s (not
+            # 30 s): the writer then creates it again and re-sends them.
+            "topic.metadata.propagation.max.ms": 1000,
             "message.max.bytes": min(max(1_000_000, biggest), 1_000_000_000),
             # librdkafka's own bound is the outage buffer; one maximal frame always fits.
             "queue.buffering.max.kbytes": max(

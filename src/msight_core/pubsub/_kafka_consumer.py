@@ -338,6 +338,15 @@ class KafkaReader:
         self._commit(asynchronous=False, only={(p.topic, p.partition) for p in parts})
         self._drop(parts)
 
+    def _reachable(self) -> bool:
+        """True if a broker answers a metadata request within a second."""
+        topic = self._topics[0] if self._topics else None
+        try:
+            self.consumer.list_topics(topic, timeout=min(1.0, self._timeout))
+        except (KafkaException, RuntimeError):
+            return False
+        return True
+
     def _on_lost(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._drop(parts)
 
@@ -527,8 +536,19 @@ class KafkaReader:
 
     def _shutdown(self) -> None:
         try:
-            if self.grouped:
-                self._commit(asynchronous=False)
+            if self.grouped and self._acked:
+                if self._reachable():
+                    self._commit(asynchronous=False)
+                else:
+                    # A commit would wait ~6 s for a coordinator that is not there.
+                    with self._ack_lock:
+                        count = len(self._acked)
+                        self._acked.clear()
+                    logger.warning(
+                        "Kafka broker unreachable on close: the offsets of %d partition(s) "
+                        "were not committed; their processed messages will come again",
+                        count,
+                    )
         finally:
             try:
                 self.consumer.close()

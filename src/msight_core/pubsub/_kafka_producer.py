@@ -93,6 +93,11 @@ def _fatal(exc: BaseException) -> Any:
     return None
 
 
+def _code(exc: BaseException) -> Any:
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return None if err is None else err.code()
+
+
 class _Retry(NamedTuple):
     topic: str
     value: bytes
@@ -315,7 +320,9 @@ class KafkaWriter:
             self.admin.forget(name)
             try:
                 self.admin.ensure_topic(name)
-            except MsightError as exc:
+                # The producer marked the topic as missing: refresh its metadata now.
+                self.producer.list_topics(name, timeout=self.config.connect_timeout)
+            except (MsightError, KafkaException) as exc:
                 logger.warning("Kafka topic %r is gone and could not be created: %s", name, exc)
                 self._missing[name] = now + _ENSURE_INTERVAL
                 continue
@@ -347,6 +354,10 @@ class KafkaWriter:
                     self.request_rebuild(err.str())
                     self._retry.appendleft(item)
                     return
+                if _code(exc) in _TOPIC_LOST:
+                    self._missing.setdefault(item.topic, now + _ENSURE_INTERVAL)
+                    self._retry.append(item)
+                    continue
                 self._record_failure(item.topic, str(exc))
                 continue
             self.resent += 1
@@ -416,20 +427,24 @@ class KafkaWriter:
                         )
                 return
             except BufferError:
-                why = "the broker is unreachable or slower than the publishers"
+                why = "buffer full: the broker is unreachable or slower than the publishers"
             except KafkaException as exc:
                 err = _fatal(exc)
-                if err is None:
+                if err is not None:
+                    self.request_rebuild(err.str())  # the report thread replaces it
+                    why = "the producer is being replaced"
+                elif _code(exc) in _TOPIC_LOST:
+                    self._missing.setdefault(name, 0.0)  # the report thread creates it
+                    why = "the topic is missing and being created again"
+                else:
                     raise translate(exc, f"publishing to {name!r}") from exc
-                self.request_rebuild(err.str())  # the report thread replaces it
-                why = "the producer is being replaced"
             now = time.monotonic()
             if not deadline:
                 deadline = now + self.config.publish.timeout
             elif now >= deadline:
                 raise BackpressureError(
-                    f"Kafka publish buffer full for {self.config.publish.timeout:g}s "
-                    f"({len(self.producer)} message(s) waiting; topic {name!r}); {why}"
+                    f"Kafka publish to topic {name!r} waited {self.config.publish.timeout:g}s "
+                    f"({len(self.producer)} message(s) waiting): {why}"
                 )
             time.sleep(0.005)
 

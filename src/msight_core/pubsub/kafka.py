@@ -9,7 +9,11 @@ Publishing
     (naming the topic) from a later ``publish()``, ``flush()`` or ``close()``.
     While the broker is unreachable, librdkafka buffers up to
     ``PublishConfig.buffer_bytes``; then ``publish()`` waits up to
-    ``PublishConfig.timeout`` and raises ``BackpressureError``.
+    ``PublishConfig.timeout`` and raises ``BackpressureError``. A message not
+    delivered within ``KafkaConfig.delivery_timeout`` (default 3 x the publish
+    timeout) is reported as ``PublishError``. A producer that failed for good
+    (the broker lost its idempotence state) is replaced and what it had not
+    delivered is re-sent; a topic that vanished is created again.
 
 Topics
     Missing topics are created on first use with ``num_partitions`` partitions
