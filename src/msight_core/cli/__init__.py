@@ -10,7 +10,7 @@ Commands::
     msight doctor    resolved configuration, connection check, broker limits
 
 Thin by design: arguments -> configuration -> public API; the commands live in
-:mod:`msight_core._cli`. Errors print one line and exit non-zero: 1 for a
+the modules of this package. Errors print one line and exit non-zero: 1 for a
 failure, 2 for bad arguments, 130 for an interrupt during shutdown.
 """
 
@@ -21,9 +21,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .config import BACKENDS
-from .errors import MissingDependencyError, MsightError
+from .. import __version__
+from ..config import BACKENDS
+from ..errors import MissingDependencyError, MsightError
 
 __all__ = ["build_parser", "main"]
 
@@ -170,19 +170,19 @@ def _setup_logging(verbose: int, tracebacks: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._cli.common import resolve_target
+    from .common import resolve_target
 
     out, err = sys.stdout, sys.stderr
     if args.command == "broker":
-        from ._cli.tools import run_broker
+        from .tools import run_broker
 
         return run_broker(args.kind, args.port, out, err)
     if args.command == "doctor":
-        from ._cli.doctor import run_doctor
+        from .doctor import run_doctor
 
         return run_doctor(args.backend, args.timeout, out)
     if args.command in ("pub", "sub"):
-        from ._cli import tools
+        from . import tools
 
         if args.command == "pub":
             if args.file:
@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
             args.raw, out, err,
         )  # fmt: skip
     if args.command == "demo":
-        from ._cli.demo import DemoOptions, parse_frame, run_demo
+        from .demo import DemoOptions, parse_frame, run_demo
 
         width, height = parse_frame(args.frame)
         opts = DemoOptions(
@@ -212,8 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             target.close()
     if args.command == "bench":
-        from ._cli.bench import BenchOptions, run_bench
-        from ._cli.common import parse_size, parse_sizes
+        from .bench import BenchOptions, run_bench
+        from .common import parse_size, parse_sizes
 
         opts = BenchOptions(
             sizes=parse_sizes(args.sizes), budget=parse_size(args.budget), pings=args.pings,
