@@ -330,6 +330,30 @@ def test_jetstream_unacked_message_is_redelivered(unique_topic: str, nats_server
         first.close()
 
 
+def test_jetstream_group_hand_over_after_close_is_immediate(make: Any, unique_topic: str) -> None:
+    """close() withdraws the member's interest before it returns: what is published
+    next waits for the next member instead of going to the closed inbox (where it
+    would sit out the 60 s ack_wait). Repeated because the old race hit ~1 in 100."""
+    env = {"MSIGHT_NATS_JETSTREAM": "true", "MSIGHT_NATS_ACK_WAIT": "60"}
+    pub = make(**env)
+    for round_ in range(25):
+        topic = f"{unique_topic}.r{round_}"
+        first = make(f"hand-{round_}", **env)
+        first.subscribe(topic)
+        pub.publish(topic, b"first")
+        pub.flush()
+        assert [m.data for m in collect(first, 1, 10)] == [b"first"]
+        first.close()
+        sent = [b"kept-%d" % i for i in range(10)]
+        for payload in sent:
+            pub.publish(topic, payload)
+        pub.flush()
+        second = make(f"hand-{round_}", **env)
+        second.subscribe(topic)
+        assert sorted(m.data for m in collect(second, len(sent), 5)) == sorted(sent), round_
+        second.close()
+
+
 # -- authentication -----------------------------------------------------------------
 
 

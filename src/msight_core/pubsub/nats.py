@@ -494,6 +494,12 @@ class NATSJetStreamPubSub(NATSPubSub):
             self._outstanding[reply] = None
         return reply
 
+    async def _drain_subscriptions(self) -> None:
+        subs = list(self._subs.values())
+        self._subs.clear()
+        for sub in subs:
+            await sub.drain()  # UNSUB, round trip, and the callback sees what came before
+
     def _lost_frame(self, msg: Any) -> None:
         if msg.reply:
             self._publisher.send_raw(b"PUB %s 0\r\n\r\n" % msg.reply.encode())
@@ -506,6 +512,17 @@ class NATSJetStreamPubSub(NATSPubSub):
             logger.debug("ack after close dropped; the message will be redelivered")
 
     def _close(self) -> None:
+        if self._nc is not None and self._subs and self._nc.is_connected:
+            # Stop deliveries before leaving: the server removes our interest (so it
+            # stops pushing to an inbox about to vanish, where messages would wait
+            # ack_wait for redelivery) and what it had already sent reaches the
+            # callback, to be returned to the group below.
+            try:
+                self._loop.run(
+                    self._drain_subscriptions(), self.config.publish.timeout, "stop deliveries"
+                )
+            except MsightError:
+                logger.debug("stopping JetStream deliveries failed", exc_info=True)
         if self._nc is not None and self._outstanding:
             tokens = list(self._outstanding)
             self._outstanding.clear()
