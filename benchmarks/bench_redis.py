@@ -33,7 +33,10 @@ TOPIC = "bench.redis"
 
 
 def _env(port: int) -> dict[str, str]:
-    return {"MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1", "MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(port)}
+    return {
+        "MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
+        "MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(port),
+    }
 
 
 def run_sub(kind: str, port: int, count: int, idle: float) -> dict[str, Any]:
@@ -80,9 +83,13 @@ def run_sub(kind: str, port: int, count: int, idle: float) -> dict[str, Any]:
         pubsub.close()
     return {
         "received": len(latencies),
-        "drain": (len(latencies) - 1) / (last - first) if len(latencies) > 1 and last > first else 0.0,
+        "drain": (len(latencies) - 1) / (last - first)
+        if len(latencies) > 1 and last > first
+        else 0.0,
         "p50": statistics.median(latencies) * 1e3 if latencies else float("nan"),
-        "p99": statistics.quantiles(latencies, n=100)[98] * 1e3 if len(latencies) > 2 else float("nan"),
+        "p99": statistics.quantiles(latencies, n=100)[98] * 1e3
+        if len(latencies) > 2
+        else float("nan"),
         "disconnects": reconnects,
     }
 
@@ -147,14 +154,20 @@ def measure(kind: str, port: int, count: int, size: int, rate: float) -> dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--role", choices=["main", "pub", "sub"], default="main")
     parser.add_argument("--kind", choices=["msight", "raw"], default="msight")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--n", type=int, default=0)
     parser.add_argument("--size", type=int, default=0)
-    parser.add_argument("--rate", type=float, default=0.0, help="publisher pacing in msg/s (0: flat out)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 1024 * 1024, 4 * 1024 * 1024])
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="publisher pacing in msg/s (0: flat out)"
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1024, 1024 * 1024, 4 * 1024 * 1024]
+    )
     parser.add_argument("--count", type=int, nargs="+", default=[100_000, 300, 100])
     parser.add_argument("--idle", type=float, default=3.0)
     args = parser.parse_args()
@@ -176,7 +189,9 @@ def main() -> None:
         print("-" * len(header))
         for size in args.sizes:
             for kind in ("raw", "msight"):
-                r = measure(kind, server.port, counts[size], size, args.rate if size <= 4096 else 0.0)
+                r = measure(
+                    kind, server.port, counts[size], size, args.rate if size <= 4096 else 0.0
+                )
                 print(
                     f"{size:>9} {kind:>7} {r['publish']:>10.0f} {r['drain']:>10.0f} {r['lost']:>7} "
                     f"{r['disconnects']:>5} {r['p50']:>8.2f} {r['p99']:>8.2f}",

@@ -445,8 +445,7 @@ def backend_name(env: Mapping[str, str] | None = None) -> str:
     name = value.lower()
     if name not in BACKENDS:
         raise ConfigError(
-            f"MSIGHT_PUBSUB_BACKEND={_shown(value)} is not a backend; "
-            f"valid: {', '.join(BACKENDS)}"
+            f"MSIGHT_PUBSUB_BACKEND={_shown(value)} is not a backend; valid: {', '.join(BACKENDS)}"
         )
     return name
 

@@ -51,9 +51,7 @@ def test_demo_starts_an_embedded_broker_when_the_configured_one_is_down(
     port = free_port()  # nothing listens there
     env = cli.env({"MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(port)})
     out = tmp_path / "summary.json"
-    result = cli.run(
-        "demo", "--duration", "2", *SMALL, "--json", str(out), env=env, timeout=80
-    )
+    result = cli.run("demo", "--duration", "2", *SMALL, "--json", str(out), env=env, timeout=80)
     assert result.returncode == 0, result.stderr
     assert f"localhost:{port} is unreachable: started an embedded redis broker" in result.stderr
     summary = _check_summary(out, "redis")

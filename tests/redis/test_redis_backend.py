@@ -29,7 +29,9 @@ def _backend(server: Any, **overrides: Any) -> RedisPubSub:
     return RedisPubSub(load_redis_config(server.env(), **overrides))
 
 
-def _run_publisher(port: int, topic: str, count: int, size: int, rate: float) -> subprocess.Popen[str]:
+def _run_publisher(
+    port: int, topic: str, count: int, size: int, rate: float
+) -> subprocess.Popen[str]:
     """A publisher in its own process, as in production (pacing in small batches)."""
     code = textwrap.dedent(
         f"""
@@ -53,7 +55,9 @@ def _run_publisher(port: int, topic: str, count: int, size: int, rate: float) ->
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
-def test_seed_example_unchanged(redis_server: Any, monkeypatch: pytest.MonkeyPatch, unique_topic: str) -> None:
+def test_seed_example_unchanged(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch, unique_topic: str
+) -> None:
     for key, value in redis_server.env().items():
         monkeypatch.setenv(key, value)
     from msight_core.pubsub import RedisPubSub as SeedRedisPubSub
@@ -148,7 +152,9 @@ def test_big_frames_at_camera_rates_without_disconnect(
 def test_slow_application_keeps_bounded_memory_and_counts_drops(
     redis_server: Any, unique_topic: str
 ) -> None:
-    sub = _backend(redis_server, queue=QueueConfig(max_messages=50, overflow=OverflowPolicy.DROP_OLDEST))
+    sub = _backend(
+        redis_server, queue=QueueConfig(max_messages=50, overflow=OverflowPolicy.DROP_OLDEST)
+    )
     sub.subscribe(unique_topic)
     with _backend(redis_server) as pub:
         for i in range(500):
@@ -183,7 +189,9 @@ def test_recovers_after_broker_restart(unique_topic: str) -> None:
             if message is not None:
                 seen.append(message.data)
         assert seen, "delivery did not resume"
-        assert time.monotonic() - back < 2.5, "delivery must resume within ~2 s of the broker's return"
+        assert time.monotonic() - back < 2.5, (
+            "delivery must resume within ~2 s of the broker's return"
+        )
         assert sub.stats()["subscriber_reconnects"] == 1
         sub.close()
         pub.close()
@@ -213,8 +221,12 @@ def test_publish_during_outage_is_bounded_then_typed_error(unique_topic: str) ->
 
 def test_unreachable_broker_is_a_quick_typed_error(unique_topic: str) -> None:
     backend = RedisPubSub(
-        load_redis_config({"MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
-                           "MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(free_port())})
+        load_redis_config(
+            {
+                "MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
+                "MSIGHT_REDIS_MESSAGE_BROKER_PORT": str(free_port()),
+            }
+        )
     )
     started = time.monotonic()
     with pytest.raises(BrokerUnavailableError):

@@ -83,7 +83,12 @@ def test_redis_defaults_and_values() -> None:
             "MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES": "['a:7000', 'b:7001']",
         }
     )
-    assert (config.host, config.port, config.db, config.username) == ("redis.local", 6380, 2, "edge")
+    assert (config.host, config.port, config.db, config.username) == (
+        "redis.local",
+        6380,
+        2,
+        "edge",
+    )
     assert config.password is not None and config.password.reveal() == "hunter2-redis"
     assert config.use_cluster and config.cluster_nodes == ("a:7000", "b:7001")
     assert "hunter2-redis" not in repr(config) and "hunter2-redis" not in str(config)
@@ -130,7 +135,9 @@ def test_kafka_pass_through() -> None:
     assert config.consumer["session.timeout.ms"] == "6000"
     assert config.producer["linger.ms"] == "5"
     assert config.client["client.id"] == "edge-1"
-    assert isinstance(KafkaConfig(producer={"sasl.password": "x"}).producer["sasl.password"], Secret)
+    assert isinstance(
+        KafkaConfig(producer={"sasl.password": "x"}).producer["sasl.password"], Secret
+    )
 
 
 def test_backend_name() -> None:

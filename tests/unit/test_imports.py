@@ -11,7 +11,9 @@ CLIENTS = ("redis", "nats", "confluent_kafka")
 
 
 def _loaded_after(code: str) -> set[str]:
-    script = f"{code}\nimport sys\nprint(' '.join(sorted(m for m in {CLIENTS!r} if m in sys.modules)))"
+    script = (
+        f"{code}\nimport sys\nprint(' '.join(sorted(m for m in {CLIENTS!r} if m in sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

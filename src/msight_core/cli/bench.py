@@ -284,4 +284,3 @@ def plot_results(points: list[Point], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

@@ -480,4 +480,3 @@ def parse_frame(text: str) -> tuple[int, int]:
     except ValueError:
         raise CliError(f"--frame must look like 1920x1080, got {text!r}", code=2) from None
     return width, height
-

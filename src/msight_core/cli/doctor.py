@@ -249,7 +249,9 @@ def _kafka_limits(config: Any, env: Mapping[str, str], timeout: float) -> list[s
     except ImportError:
         return ["not available: pip install 'msight-core[kafka]'"]
     created = fmt_bytes(config.max_message_bytes)
-    lines = [f"max.message.bytes of topics msight creates: {created} (MSIGHT_KAFKA_MAX_MESSAGE_BYTES)"]
+    lines = [
+        f"max.message.bytes of topics msight creates: {created} (MSIGHT_KAFKA_MAX_MESSAGE_BYTES)"
+    ]
     admin = AdminClient(admin_conf(config))
     try:
         metadata = admin.list_topics(timeout=timeout)
@@ -260,9 +262,9 @@ def _kafka_limits(config: Any, env: Mapping[str, str], timeout: float) -> list[s
     if brokers:
         resource = ConfigResource("broker", str(brokers[0]))
         try:
-            entries = admin.describe_configs([resource], request_timeout=timeout)[
-                resource
-            ].result(timeout + 1)
+            entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+                timeout + 1
+            )
             entry = entries.get("message.max.bytes")
             value = getattr(entry, "value", None)
             if value is not None:

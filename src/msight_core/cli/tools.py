@@ -35,7 +35,9 @@ def run_broker(kind: str, port: int | None, out: TextIO, err: TextIO) -> int:
     broker = None
     try:
         broker = start_embedded(kind, port)
-        out.writelines(f"export {var}={shlex.quote(value)}\n" for var, value in broker.env().items())
+        out.writelines(
+            f"export {var}={shlex.quote(value)}\n" for var, value in broker.env().items()
+        )
         out.flush()
         extra = ""
         if kind == "nats":

@@ -251,8 +251,9 @@ class NATSPubSub(QueueBackend):
             self.servers_shown,
             outage,
             ", ".join(self._subs) or "none",
-            f"; sending {backlog} buffered message(s), which subscribers that are not "
-            "back yet miss" if backlog else "",
+            f"; sending {backlog} buffered message(s), which subscribers that are not back yet miss"
+            if backlog
+            else "",
         )
         self._publisher.requeue_unacked()
         self._publisher.wake()

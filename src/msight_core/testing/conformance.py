@@ -149,7 +149,13 @@ class PubSubConformance:
 
     def test_binary_safety(self, pair: tuple[Any, Any, str]) -> None:
         pub, sub, topic = pair
-        payloads = [bytes(range(256)), b"", b"\x00" * 64, b"\r\n*3\r\n$-1\r\n", bytes(range(255, -1, -1))]
+        payloads = [
+            bytes(range(256)),
+            b"",
+            b"\x00" * 64,
+            b"\r\n*3\r\n$-1\r\n",
+            bytes(range(255, -1, -1)),
+        ]
         for payload in payloads:
             pub.publish(topic, payload)
         pub.publish(topic, bytearray(b"from-bytearray"))
@@ -312,7 +318,9 @@ class PubSubConformance:
         assert ended.wait(5), "listen() did not return after close()"
         assert time.monotonic() - started < 5
 
-    def test_context_manager_closes(self, make_backend: Callable[..., Any], unique_topic: str) -> None:
+    def test_context_manager_closes(
+        self, make_backend: Callable[..., Any], unique_topic: str
+    ) -> None:
         with make_backend() as backend:
             backend.publish(unique_topic, b"x")
         with pytest.raises(ClosedError):
