@@ -3,9 +3,11 @@
 Each :class:`NATSPubSub` runs one asyncio event loop on a daemon thread. From
 any thread, ``publish()`` formats the NATS command and appends it to a buffer
 that a writer coroutine hands to nats-py in batches (see ``_nats_pub``), so
-there is no loop hand-off or round trip per message. Received messages go from
-the nats-py subscription callback straight into the bounded receive queue read
-by ``listen()``/``receive()``.
+there is no loop hand-off or round trip per message. Received plain messages go
+from the protocol parser (``_nats_parser``, which replaces nats-py's and skips its
+per-message objects and tasks) straight into the bounded receive queue read by
+``listen()``/``receive()``, a batch per socket read; messages with headers (large
+frame notices) and JetStream deliveries take nats-py's subscription callback.
 
 * **Groups.** With ``group_id``, subscriptions join the NATS queue group of that
   name: each message goes to one member. Without it, every subscriber gets all.
@@ -44,6 +46,7 @@ from ..errors import (
 )
 from ._core import Delivery, QueueBackend
 from ._nats_conn import LoopThread, client_options, nats, safe_servers, translate
+from ._nats_parser import install as install_parser
 from ._nats_pub import FRAME_HEADER, Publisher
 from ._nats_streams import LargeFrames, durable_name, ensure_topic_stream
 from .base import Capabilities
@@ -119,6 +122,7 @@ class NATSPubSub(QueueBackend):
             config.large_frame_ttl, config.large_frame_store_bytes, config.publish.timeout
         )
         self._subs: dict[str, Any] = {}
+        self._parser: Any = None  # _nats_parser.FastParser once connected (if supported)
         self._inbox: list[Delivery] = []
         self._inbox_scheduled = False
         self._streams: dict[str, str] = {}
@@ -172,7 +176,9 @@ class NATSPubSub(QueueBackend):
 
     async def _connect(self) -> None:
         try:
-            nc = await nats.connect(
+            nc = nats.aio.client.Client()
+            self._parser = install_parser(nc)
+            await nc.connect(
                 **self._options,
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
@@ -196,6 +202,9 @@ class NATSPubSub(QueueBackend):
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.slow_consumer_drops += 1
+            route = self._parser.routes.get(exc.sid) if self._parser is not None else None
+            if route is not None:
+                route.done()  # dropped: the callback will not see it
             if self.slow_consumer_drops == 1 or self.slow_consumer_drops % 1000 == 0:
                 logger.warning(
                     "NATS slow consumer: dropped %d message(s) so far (last on %r)",
@@ -273,16 +282,34 @@ class NATSPubSub(QueueBackend):
 
     async def _subscribe_async(self, name: str) -> None:
         nc = self._nc
-        self._subs[name] = await nc.subscribe(
+        sub = self._subs[name] = await nc.subscribe(
             name,
             queue=self.group_id or "",
             cb=self._on_message,
             pending_msgs_limit=_SUB_PENDING_MSGS,
             pending_bytes_limit=_SUB_PENDING_BYTES,
         )
+        if self._parser is not None:
+            # Plain messages skip nats-py's Msg object, queue and task (_nats_parser).
+            self._parser.route(sub, self._deliver)
         await nc.flush(self.config.connect_timeout)  # the server has the SUB now
 
+    def _deliver(self, subject: str, data: bytes) -> None:
+        """On the loop: a routed plain message, straight from the parser."""
+        self._inbox.append(Delivery(subject, data, None))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            self._loop.loop.call_soon(self._flush_inbox)
+
     async def _on_message(self, msg: Any) -> None:
+        try:
+            await self._handle(msg)
+        finally:
+            route = self._parser.routes.get(msg.sid) if self._parser is not None else None
+            if route is not None:
+                route.done()  # the parser may route this subscription directly again
+
+    async def _handle(self, msg: Any) -> None:
         headers = msg.headers
         if headers and FRAME_HEADER in headers:
             self._flush_inbox()  # keep order: what came before the frame goes first

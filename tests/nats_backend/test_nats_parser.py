@@ -1,0 +1,237 @@
+"""The NATS backend's protocol parser (``_nats_parser``) on real nats-server connections.
+
+The end-to-end tests send through a plain nats-py client and read through
+``NATSPubSub``, whose subscriptions use the parser's direct route. The split
+tests feed recorded protocol bytes, cut at every offset, to a parser bound to a
+live nats-py client, so what is not routed goes through nats-py's own
+processing for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import nats
+import pytest
+
+from msight_core.pubsub import NATSPubSub
+from msight_core.pubsub._nats_parser import FastParser, install
+from msight_core.pubsub.utils import get_nats_config
+from msight_core.testing.brokers import NatsServer
+from msight_core.testing.conformance import collect
+
+
+def _sizes(rng: random.Random, count: int) -> list[int]:
+    # Mostly small, some spanning nats-py's 32 KB reads, a few near 1 MB.
+    choices = [0, 1, 2, 7, 100, 1024, 4096, 32 * 1024 - 30, 32 * 1024 + 5, 200_000, 1_000_000]
+    return [
+        rng.choice(choices) if rng.random() < 0.5 else rng.randrange(0, 3000) for _ in range(count)
+    ]
+
+
+def test_mixed_stream_from_a_plain_client_arrives_exact_and_in_order(
+    nats_server: NatsServer, unique_topic: str
+) -> None:
+    """Plain messages, messages with headers and with reply subjects, of sizes that
+    straddle every read boundary, interleaved with PINGs: all in publish order."""
+    rng = random.Random(7)
+    payloads = [rng.randbytes(size) for size in _sizes(rng, 1500)]
+    sub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    sub.subscribe(unique_topic)
+
+    async def send() -> None:
+        nc = await nats.connect(nats_server.url)
+        for index, payload in enumerate(payloads):
+            if index % 7 == 3:
+                await nc.publish(unique_topic, payload, headers={"X-Index": str(index)})
+            elif index % 5 == 1:
+                await nc.publish(unique_topic, payload, reply=f"_INBOX.reply.{index}")
+            else:
+                await nc.publish(unique_topic, payload)
+            if index % 100 == 0:
+                await nc.flush()
+        await nc.flush()
+        await nc.close()
+
+    try:
+        asyncio.run(send())
+        got = collect(sub, len(payloads), 30)
+        assert [len(m.data) for m in got] == [len(p) for p in payloads]
+        assert [m.data for m in got] == payloads
+        assert {m.topic for m in got} == {unique_topic}
+        assert sub.stats()["slow_consumer_drops"] == 0
+    finally:
+        sub.close()
+
+
+def test_several_topics_on_one_subscriber_keep_their_names_and_order(
+    nats_server: NatsServer, unique_topic: str
+) -> None:
+    topics = [f"{unique_topic}.s{i}" for i in range(9)]
+    sub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    for topic in topics:
+        sub.subscribe(topic)
+    pub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    try:
+        sent = [(topics[i % 9], b"%d" % i) for i in range(300)]
+        for topic, payload in sent:
+            pub.publish(topic, payload)
+        pub.flush()
+        got = collect(sub, len(sent), 15)
+        assert [(m.topic, m.data) for m in got] == sent
+    finally:
+        pub.close()
+        sub.close()
+
+
+class _Recorder:
+    """A live nats-py client with one subscription, and a spare FastParser bound to
+    it that the tests feed by hand (the client's own parser keeps reading the
+    socket, which stays quiet: nothing is published to the test subjects)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.events: list[tuple[str, str, bytes]] = []
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(self.url)
+
+        async def on_msg(msg: Any) -> None:
+            self.events.append(("nats-py", msg.subject, msg.data))
+            route = self.parser.routes.get(msg.sid)
+            if route is not None:
+                route.done()
+
+        self.sub = await self.nc.subscribe("parse.test.>", cb=on_msg)
+        self.other = await self.nc.subscribe("parse.other", cb=on_msg)
+        self.parser = FastParser(self.nc)
+        route = self.parser.route(
+            self.sub, lambda subject, data: self.events.append(("direct", subject, data))
+        )
+        assert route is not None
+
+    async def settle(self) -> None:
+        for _ in range(20):  # let nats-py's subscription tasks run their callbacks
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        await self.nc.close()
+
+
+def _wire(sid: int, other: int) -> tuple[bytes, list[tuple[str, str, bytes]]]:
+    """Protocol bytes as a server sends them, and what each message must become."""
+    out: list[bytes] = []
+    expect: list[tuple[str, str, bytes]] = []
+
+    def msg(subject: str, payload: bytes, s: int = sid, reply: str = "") -> None:
+        line = f"MSG {subject} {s} {reply + ' ' if reply else ''}{len(payload)}\r\n".encode()
+        out.append(line + payload + b"\r\n")
+
+    def hmsg(subject: str, headers: bytes, payload: bytes) -> None:
+        total = len(headers) + len(payload)
+        out.append(f"HMSG {subject} {sid} {len(headers)} {total}\r\n".encode())
+        out.append(headers + payload + b"\r\n")
+
+    msg("parse.test.a", b"hello")
+    expect.append(("direct", "parse.test.a", b"hello"))
+    msg("parse.test.b", b"")
+    expect.append(("direct", "parse.test.b", b""))
+    out.append(b"+OK\r\n")
+    msg("parse.test.c", b"MSG x 1 3\r\nabc\r\n", reply="_INBOX.r")
+    expect.append(("direct", "parse.test.c", b"MSG x 1 3\r\nabc\r\n"))
+    out.append(b"PONG\r\n")  # unsolicited: nats-py ignores it without a waiting PING
+    msg("parse.other", b"not routed", s=other)
+    expect.append(("nats-py", "parse.other", b"not routed"))
+    hmsg("parse.test.h", b"NATS/1.0\r\nK: v\r\n\r\n", b"with header")
+    expect.append(("nats-py", "parse.test.h", b"with header"))
+    # Right after a message that took nats-py's path, the route waits for it.
+    msg("parse.test.d", b"after header")
+    expect.append(("nats-py", "parse.test.d", b"after header"))
+    msg("parse.test.e", bytes(range(256)) * 300)
+    expect.append(("nats-py", "parse.test.e", bytes(range(256)) * 300))
+    return b"".join(out), expect
+
+
+def _feed(pieces: list[bytes], url: str) -> list[tuple[str, str, bytes]]:
+    async def run() -> list[tuple[str, str, bytes]]:
+        rec = _Recorder(url)
+        await rec.start()
+        try:
+            for piece in pieces:
+                await rec.parser.parse(piece)
+            await rec.settle()
+            return rec.events
+        finally:
+            await rec.stop()
+
+    return _per_subscription(asyncio.run(run()))
+
+
+def _per_subscription(events: list[tuple[str, str, bytes]]) -> list[tuple[str, str, bytes]]:
+    """Order matters within a subscription; nats-py runs each one in its own task."""
+    return sorted(events, key=lambda event: event[1] == "parse.other")  # stable
+
+
+def test_split_at_every_offset_gives_the_same_messages(nats_server: NatsServer) -> None:
+    async def sids() -> tuple[int, int]:
+        rec = _Recorder(nats_server.url)
+        await rec.start()
+        await rec.stop()
+        return rec.sub._id, rec.other._id
+
+    sid, other = asyncio.run(sids())
+    wire, expect = _wire(sid, other)
+    expect = _per_subscription(expect)
+    # The whole stream in one read, then every two-piece cut of its first 300 bytes
+    # (all the control lines and small messages) and a sample of later cuts.
+    cuts = list(range(1, 300)) + list(range(300, len(wire), 997))
+    assert _feed([wire], nats_server.url) == expect
+    for cut in cuts:
+        assert _feed([wire[:cut], wire[cut:]], nats_server.url) == expect, cut
+    assert _feed([wire[i : i + 1] for i in range(len(wire))], nats_server.url) == expect
+
+
+def test_routed_subscription_returns_to_direct_after_headers(nats_server: NatsServer) -> None:
+    async def run() -> list[tuple[str, str, bytes]]:
+        rec = _Recorder(nats_server.url)
+        await rec.start()
+        try:
+            sid = rec.sub._id
+            header = b"NATS/1.0\r\n\r\n"
+            await rec.parser.parse(
+                f"HMSG parse.test.h {sid} {len(header)} {len(header) + 1}\r\n".encode()
+                + header
+                + b"h\r\n"
+            )
+            await rec.settle()  # the callback handled it: the route is free again
+            await rec.parser.parse(f"MSG parse.test.p {sid} 1\r\np\r\n".encode())
+            return rec.events
+        finally:
+            await rec.stop()
+
+    assert asyncio.run(run()) == [
+        ("nats-py", "parse.test.h", b"h"),
+        ("direct", "parse.test.p", b"p"),
+    ]
+
+
+def test_malformed_message_line_is_a_protocol_error(nats_server: NatsServer) -> None:
+    async def run() -> None:
+        rec = _Recorder(nats_server.url)
+        await rec.start()
+        try:
+            await rec.parser.parse(b"MSG parse.test.a notanumber\r\n")
+        finally:
+            await rec.stop()
+
+    with pytest.raises(nats.errors.ProtocolError):
+        asyncio.run(run())
+
+
+def test_install_only_replaces_the_stock_parser() -> None:
+    client = nats.aio.client.Client()
+    parser = install(client)
+    assert isinstance(parser, FastParser) and client._ps is parser
+    assert install(client) is None  # not nats-py's own parser any more: left alone
