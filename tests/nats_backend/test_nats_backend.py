@@ -3,6 +3,7 @@ groups, server restarts, JetStream resume, authentication."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -10,9 +11,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import nats
 import pytest
 
-from msight_core.errors import AuthenticationError, BrokerUnavailableError, PayloadTooLargeError
+from msight_core.errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    PayloadTooLargeError,
+    PublishError,
+)
 from msight_core.pubsub import NATSPubSub
 from msight_core.pubsub.nats import NATSJetStreamPubSub
 from msight_core.pubsub.utils import get_nats_config
@@ -328,6 +335,62 @@ def test_jetstream_unacked_message_is_redelivered(unique_topic: str, nats_server
     finally:
         pub.close()
         first.close()
+
+
+def _stream_admin(url: str, action: Any) -> Any:
+    async def run() -> Any:
+        nc = await nats.connect(url)
+        try:
+            return await action(nc.jsm())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def test_jetstream_briefly_unavailable_publishes_are_sent_again(
+    make: Any, unique_topic: str, nats_server: Any
+) -> None:
+    """While no stream answers (a replicated stream electing a leader, say), the
+    server replies 503: those publishes are held and sent again, not failed."""
+    env = {"MSIGHT_NATS_JETSTREAM": "true", "MSIGHT_PUBLISH_TIMEOUT": "20"}
+    pub = make(**env)
+    pub.publish(unique_topic, b"before")
+    pub.flush()
+    name = _stream_admin(nats_server.url, lambda jsm: jsm.find_stream_name_by_subject(unique_topic))
+    config = _stream_admin(nats_server.url, lambda jsm: jsm.stream_info(name)).config
+    _stream_admin(nats_server.url, lambda jsm: jsm.delete_stream(name))
+    for i in range(20):
+        pub.publish(unique_topic, b"during-%d" % i)
+    time.sleep(1.0)  # several 503 replies and retries
+    assert pub.stats()["publish_retried"] > 0
+    _stream_admin(nats_server.url, lambda jsm: jsm.add_stream(config))
+    pub.flush(15)
+    stats = pub.stats()
+    assert stats["publish_failed"] == 0 and stats["unacknowledged"] == 0
+    info = _stream_admin(nats_server.url, lambda jsm: jsm.stream_info(name))
+    assert info.state.messages == 20  # each once: retries are de-duplicated by message id
+    reader = make("unavailable-reader", **env)
+    reader.subscribe(unique_topic)
+    got = [m.data for m in collect(reader, 20, 10)]
+    assert got == [b"during-%d" % i for i in range(20)]
+
+
+def test_jetstream_unavailable_past_the_publish_timeout_is_an_error(
+    make: Any, unique_topic: str, nats_server: Any
+) -> None:
+    env = {"MSIGHT_NATS_JETSTREAM": "true", "MSIGHT_PUBLISH_TIMEOUT": "1.5"}
+    pub = make(**env)
+    pub.publish(unique_topic, b"before")
+    pub.flush()
+    name = _stream_admin(nats_server.url, lambda jsm: jsm.find_stream_name_by_subject(unique_topic))
+    _stream_admin(nats_server.url, lambda jsm: jsm.delete_stream(name))
+    pub.publish(unique_topic, b"lost")
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="no stream answered for 1.5s"):
+        pub.flush(10)
+    assert 1.2 < time.monotonic() - started < 6
+    assert pub.stats()["publish_failed"] == 1
 
 
 def test_jetstream_group_hand_over_after_close_is_immediate(make: Any, unique_topic: str) -> None:

@@ -38,18 +38,20 @@ LARGE_SUBJECT_PREFIX = "_msight.large."
 _EMIT_BYTES = 8 * 1024 * 1024  # hand-over size to nats-py per step
 _ACK_CHECK_INTERVAL = 1.0
 _CONFIRM_INTERVAL = 0.05  # core NATS: PING this often while messages flow
+_RETRY_DELAY = 0.25  # JetStream briefly unavailable (503): send again after this
 
 
 class _Tracked:
     """A command that waits for a JetStream acknowledgement."""
 
-    __slots__ = ("id", "pieces", "sent_at", "size", "what")
+    __slots__ = ("first_sent", "id", "pieces", "sent_at", "size", "what")
 
     def __init__(self, ident: int, pieces: list[bytes], size: int, what: str) -> None:
         self.id = ident
         self.pieces = pieces
         self.size = size
         self.sent_at = 0.0
+        self.first_sent = 0.0  # when first handed over: the retry budget starts there
         self.what = what
 
 
@@ -97,7 +99,9 @@ class Publisher:
         self.acked = 0
         self.resent = 0
         self.failed = 0
+        self.retried = 0  # sends repeated because JetStream was briefly unavailable
         self.frames = 0
+        self._retry_ids: list[int] = []
 
     # -- caller side (any thread) -------------------------------------------------
 
@@ -253,18 +257,37 @@ class Publisher:
             late = [
                 t for t in self._sent.values() if older_than is None or now - t.sent_at > older_than
             ]
-            if not late:
-                return 0
-            late.sort(key=lambda t: t.id)
-            for item in late:
-                del self._sent[item.id]
-            self._buf[:0] = late
-            self._buf_plain = False
-            self._buf_msgs += len(late)
-            self._buf_bytes += sum(t.size for t in late)
+            self._requeue(late)
             self.resent += len(late)
-        self.wake()
+        if late:
+            self.wake()
         return len(late)
+
+    def _requeue(self, items: list[_Tracked]) -> None:
+        # Called with the lock held: ``items`` leave ``_sent`` for the buffer's front.
+        if not items:
+            return
+        items.sort(key=lambda t: t.id)
+        for item in items:
+            del self._sent[item.id]
+        self._buf[:0] = items
+        self._buf_plain = False
+        self._buf_msgs += len(items)
+        self._buf_bytes += sum(t.size for t in items)
+
+    def _retry_later(self, item: _Tracked) -> None:
+        """On the loop, lock held: send ``item`` again shortly (it stays unacked)."""
+        item.sent_at = time.monotonic()  # not "late" for requeue_unacked meanwhile
+        self.retried += 1
+        if not self._retry_ids:
+            self.owner._loop.loop.call_later(_RETRY_DELAY, self._retry_due)
+        self._retry_ids.append(item.id)
+
+    def _retry_due(self) -> None:
+        with self._cond:
+            ids, self._retry_ids = self._retry_ids, []
+            self._requeue([self._sent[i] for i in dict.fromkeys(ids) if i in self._sent])
+        self.wake()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -317,6 +340,8 @@ class Publisher:
                 if self._ack_sub is None:
                     await self._subscribe_acks(nc)
                 piece.sent_at = now
+                if not piece.first_sent:
+                    piece.first_sent = now
                 with self._cond:
                     sent[piece.id] = piece
                 out.extend(piece.pieces)
@@ -400,16 +425,28 @@ class Publisher:
             return
         data = msg.data
         headers = msg.headers
-        failed = (headers is not None and headers.get("Status") == "503") or b'"error"' in data
+        # 503: no stream answered (a replicated stream electing a leader, a server
+        # still recovering its streams, or no stream at all). Sent again until the
+        # publish timeout has passed since the first send; then it is an error.
+        unavailable = (headers is not None and headers.get("Status") == "503") or (
+            b'"code":503' in data
+        )
+        failed = unavailable or b'"error"' in data
         with self._cond:
-            item = self._sent.pop(ident, None)
+            item = self._sent.get(ident)
             if item is None:
                 return  # a duplicate ack after a resend
+            if unavailable and time.monotonic() - item.first_sent < self.timeout:
+                self._retry_later(item)
+                return
+            del self._sent[ident]
             if not failed:
                 self.acked += 1
             else:
                 self.failed += 1
-                why = "no stream" if not data else data.decode(errors="replace")[:200]
+                why = "no stream answered" if not data else data.decode(errors="replace")[:200]
+                if unavailable:
+                    why += f" for {self.timeout:g}s"
                 self._error = PublishError(
                     f"NATS JetStream did not store a message for {item.what!r}: {why}"
                 )

@@ -417,6 +417,7 @@ class NATSPubSub(QueueBackend):
             publish_buffered=buffered,
             unacknowledged=unacked,
             resent=pub.resent,
+            publish_retried=pub.retried,
             publish_failed=pub.failed,
             large_frames_sent=pub.frames,
             large_frames_received=self._large.fetched,
