@@ -211,6 +211,76 @@ def test_raised_max_payload_carries_frames_as_plain_messages(unique_topic: str) 
             sub.close()
 
 
+def test_mixed_sizes_from_threads_reach_a_plain_client_exact_and_in_order(
+    unique_topic: str,
+) -> None:
+    """Large payloads are written straight to the socket, small ones through
+    nats-py's buffer: the wire stays valid (a plain nats-py subscriber reads every
+    message) and each thread's order is kept."""
+    # About 40 MB in all: a burst above the server's 64 MB max_pending would get
+    # the subscribers disconnected as slow consumers, which is not under test here.
+    sizes = [0, 10, 200_000, 1024, 2 * MiB, 131_072, 131_071, 3, 3 * MiB + 5, 700_000]
+
+    async def plain_subscriber(url: str, expected: int, out: list[bytes]) -> None:
+        nc = await nats.connect(url)
+        done = asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            out.append(msg.data)
+            if len(out) == expected:
+                done.set()
+
+        await nc.subscribe(unique_topic, cb=on_msg, pending_bytes_limit=1 << 30)
+        await nc.flush()
+        ready.set()
+        await asyncio.wait_for(done.wait(), 60)
+        await nc.close()
+
+    with NatsServer(jetstream=False, max_payload=8 * MiB) as server:
+        pub = NATSPubSub(get_nats_config(env=server.env()))
+        sub = NATSPubSub(get_nats_config(env=server.env()))
+        sub.subscribe(unique_topic)
+        ready = threading.Event()
+        plain: list[bytes] = []
+        threads, rounds = 3, 2
+        total = threads * rounds * len(sizes)
+        reader = threading.Thread(
+            target=lambda: asyncio.run(plain_subscriber(server.url, total, plain))
+        )
+        reader.start()
+        assert ready.wait(10)
+
+        def worker(k: int) -> None:
+            for r in range(rounds):
+                for i, size in enumerate(sizes):
+                    tag = b"%d:%d:%d:" % (k, r, i)
+                    pub.publish(unique_topic, (tag + frame(size, k + i))[: max(size, len(tag))])
+
+        try:
+            workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            pub.flush(30)
+            reader.join(60)
+            got = [m.data for m in collect(sub, total, 30)]
+            for seen in (plain, got):
+                assert len(seen) == total
+                for k in range(threads):
+                    mine = [d for d in seen if d.startswith(b"%d:" % k)]
+                    expect = [
+                        (b"%d:%d:%d:" % (k, r, i) + frame(size, k + i))[: max(size, 6)]
+                        for r in range(rounds)
+                        for i, size in enumerate(sizes)
+                    ]
+                    assert [len(d) for d in mine] == [len(e) for e in expect]
+                    assert mine == expect
+        finally:
+            pub.close()
+            sub.close()
+
+
 # -- restarts ---------------------------------------------------------------------
 
 

@@ -192,7 +192,9 @@ def client_options(config: NatsConfig) -> dict[str, Any]:
         "allow_reconnect": True,
         "ping_interval": 5,
         "max_outstanding_pings": 3,
-        "pending_size": 16 * 1024 * 1024,
+        # Our writer bounds what it hands to nats-py and flushes it itself
+        # (_nats_pub.Publisher._emit): nats-py must never flush in the middle.
+        "pending_size": 1 << 30,
         "flush_timeout": max(config.publish.timeout, 1.0),
         "drain_timeout": max(int(config.publish.timeout), 1),
     }
