@@ -235,3 +235,25 @@ def test_install_only_replaces_the_stock_parser() -> None:
     parser = install(client)
     assert isinstance(parser, FastParser) and client._ps is parser
     assert install(client) is None  # not nats-py's own parser any more: left alone
+
+
+def test_without_the_fast_parser_the_backend_still_works(
+    nats_server: NatsServer, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What runs when nats-py's internals differ from what the parser expects."""
+    import msight_core.pubsub.nats as nats_backend
+
+    monkeypatch.setattr(nats_backend, "install_parser", lambda nc: None)
+    sub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    pub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    try:
+        sub.subscribe(unique_topic)
+        assert type(sub._nc._ps) is not FastParser
+        sent = [b"%d" % i for i in range(1000)] + [bytes(3 * 1024 * 1024)]
+        for payload in sent:
+            pub.publish(unique_topic, payload)
+        pub.flush()
+        assert [m.data for m in collect(sub, len(sent), 30)] == sent
+    finally:
+        pub.close()
+        sub.close()
