@@ -31,7 +31,7 @@ checked and with a fallback: the parser (``Client._ps``, installed only if the
 client's hooks have the expected signatures), the send buffer
 (``_send_command``/``_flush_pending``), and the socket transport for payloads
 from 128 KB (TCP connections only; otherwise nats-py's buffer). The tests run
-against the pinned nats-py and also without the parser.
+with the installed nats-py, and also without the parser.
 """
 
 from __future__ import annotations
