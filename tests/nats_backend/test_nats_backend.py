@@ -320,6 +320,52 @@ def test_core_nats_survives_a_server_restart(unique_topic: str, caplog: Any) -> 
     assert len(lost) == 3, "connection loss is logged once per connection"
 
 
+def test_large_plain_frames_keep_flowing_across_a_server_restart(unique_topic: str) -> None:
+    """Frames written straight to the socket while it dies: the publisher carries on
+    by itself and whole frames arrive again afterwards (none corrupted)."""
+    with NatsServer(jetstream=False, max_payload=8 * MiB) as server:
+        sub = NATSPubSub(get_nats_config(env=server.env()))
+        pub = NATSPubSub(get_nats_config(env=server.env()))
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def camera() -> None:
+            seq = 0
+            while not stop.is_set():
+                try:
+                    pub.publish(unique_topic, b"%08d" % seq + frame(2 * MiB, seq % 7)[8:])
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+                seq += 1
+                time.sleep(0.02)
+
+        try:
+            sub.subscribe(unique_topic)
+            thread = threading.Thread(target=camera)
+            thread.start()
+            assert collect(sub, 5, 10), "no frames before the restart"
+            server.kill()
+            time.sleep(0.3)
+            server.restart()
+            restarted = time.monotonic()
+            after: list[bytes] = []
+            while len(after) < 10 and time.monotonic() - restarted < 15:
+                after += [m.data for m in collect(sub, 1, 0.5)]
+            stop.set()
+            thread.join(10)
+            assert not errors
+            assert len(after) >= 10, "frames did not resume after the restart"
+            for data in after:
+                seq = int(data[:8])
+                assert data == b"%08d" % seq + frame(2 * MiB, seq % 7)[8:]
+            assert pub.stats()["reconnects"] == 1
+        finally:
+            stop.set()
+            pub.close()
+            sub.close()
+
+
 def test_publish_during_outage_is_bounded_and_typed(unique_topic: str) -> None:
     from msight_core.errors import BackpressureError
 

@@ -392,11 +392,16 @@ class Publisher:
             if direct:
                 try:
                     self._write_through(nc, transport, piece)
-                    await transport.drain()
-                    continue
                 except Exception as exc:  # noqa: BLE001 - the connection is going down
-                    logger.debug("direct NATS write failed: %s", type(exc).__name__)
-                    direct = False  # nats-py keeps the rest for after the reconnect
+                    logger.debug("direct NATS write refused: %s", type(exc).__name__)
+                    direct = False  # this and the rest wait in nats-py's buffer
+                else:
+                    try:
+                        await transport.drain()
+                    except Exception as exc:  # noqa: BLE001 - lost with the connection
+                        # Counted as at risk by the disconnect (lost_connection).
+                        logger.debug("NATS connection lost while writing: %s", type(exc).__name__)
+                        direct = False
                     continue
             for part in piece:
                 # No suspension: client_options sets a pending_size never reached.
@@ -411,7 +416,7 @@ class Publisher:
     def _write_through(nc: Any, transport: Any, pieces: tuple[bytes, ...]) -> None:
         writer = getattr(transport, "_io_writer", None)
         if writer is None or writer.is_closing():
-            raise ConnectionResetError("the NATS connection is closing")
+            raise ConnectionResetError("the NATS connection is closing")  # nothing written
         if nc._pending:  # what was queued before goes first
             transport.writelines(nc._pending)
             nc._pending = []
