@@ -333,13 +333,15 @@ def _parse_int(value: str, var: str, minimum: int = 0, maximum: int | None = Non
     return number
 
 
-def _parse_float(value: str, var: str) -> float:
+def _parse_float(value: str, var: str, maximum: float | None = None) -> float:
     try:
         number = float(value.strip())
     except ValueError:
         raise ConfigError(f"{var} must be a number, got {_shown(value)}") from None
     if not (number > 0 and number < float("inf")):
         raise ConfigError(f"{var} must be a positive finite number, got {_shown(value)}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{var} must be at most {maximum:g}, got {_shown(value)}")
     return number
 
 
@@ -407,9 +409,9 @@ class _Env:
         value = self.raw(var)
         return default if value is None else _parse_int(value, var, minimum, maximum)
 
-    def float(self, var: str, default: float) -> float:
+    def float(self, var: str, default: float, maximum: float | None = None) -> float:
         value = self.raw(var)
-        return default if value is None else _parse_float(value, var)
+        return default if value is None else _parse_float(value, var, maximum)
 
     def servers(self, var: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.raw(var)
@@ -567,7 +569,8 @@ def load_kafka_config(
         start=start,
         ordered=e.bool(p + "ORDERED", False),
         connect_timeout=e.float(p + "CONNECT_TIMEOUT", KafkaConfig.connect_timeout),
-        delivery_timeout=e.float(p + "DELIVERY_TIMEOUT", 0.0) or None,
+        # librdkafka takes milliseconds in a 32-bit int.
+        delivery_timeout=e.float(p + "DELIVERY_TIMEOUT", 0.0, maximum=2_000_000) or None,
         producer=e.prefixed(p + "PRODUCER_"),
         consumer=e.prefixed(p + "CONSUMER_"),
         client=e.prefixed(p + "CLIENT_"),

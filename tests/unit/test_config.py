@@ -162,3 +162,11 @@ def test_overrides_and_unknown_override() -> None:
     assert load_nats_config(env={}, jetstream=True).jetstream is True
     with pytest.raises(ConfigError):
         load_nats_config(env={}, no_such_field=1)
+
+
+@pytest.mark.parametrize("value", ["1e10", "2000001"])
+def test_kafka_delivery_timeout_beyond_librdkafka_names_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="MSIGHT_KAFKA_DELIVERY_TIMEOUT must be at most"):
+        load_kafka_config(env={"MSIGHT_KAFKA_DELIVERY_TIMEOUT": value})
+    config = load_kafka_config(env={"MSIGHT_KAFKA_DELIVERY_TIMEOUT": "2000000"})
+    assert config.delivery_timeout == 2_000_000

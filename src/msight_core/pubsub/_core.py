@@ -334,6 +334,7 @@ class QueueBackend(PubSubBackend):
             self._ack(previous)
         local = self._local
         if not local:
+            self._ack_flush()  # about to wait: nothing held back meanwhile
             batch = self._queue.get_many(timeout, self._batch_limit)
             if batch is _CLOSED or not batch:
                 return None
@@ -377,6 +378,9 @@ class QueueBackend(PubSubBackend):
 
     def _ack(self, delivery: Delivery) -> None:
         """Acknowledge a processed delivery (backends with acknowledgements)."""
+
+    def _ack_flush(self) -> None:
+        """Send acknowledgements ``_ack`` held back (called before waiting for more)."""
 
     @abstractmethod
     def _close(self) -> None:

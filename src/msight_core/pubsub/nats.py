@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _SUB_PENDING_MSGS = 1_000_000
 _SUB_PENDING_BYTES = 512 * 1024 * 1024
+_ACK_BATCH = 64  # JetStream acks held back at most before they are sent
 _live: weakref.WeakSet[NATSPubSub] = weakref.WeakSet()
 
 
@@ -388,9 +389,6 @@ class NATSPubSub(QueueBackend):
 
             raise BackpressureError(f"flush: {exc}") from None
 
-    def _ack(self, delivery: Delivery) -> None:
-        self._publisher.send_raw(b"PUB %s 0\r\n\r\n" % delivery.token.encode())
-
     def _close(self) -> None:
         _live.discard(self)
         if self._nc is None:
@@ -523,6 +521,7 @@ class NATSJetStreamPubSub(NATSPubSub):
         # Delivered to us but not yet acknowledged (queued or in the application's
         # hands): negatively acknowledged on close so the group gets them at once.
         self._outstanding: dict[str, None] = {}
+        self._acks: list[bytes] = []  # processed, acknowledgement not yet handed over
 
     def _token(self, msg: Any) -> Any:
         reply = msg.reply or None
@@ -541,13 +540,25 @@ class NATSJetStreamPubSub(NATSPubSub):
             self._publisher.send_raw(b"PUB %s 0\r\n\r\n" % msg.reply.encode())
 
     def _ack(self, delivery: Delivery) -> None:
+        # Held back and sent in one piece when the application has gone through
+        # what it took from the queue (or _ACK_BATCH of them): one hand-over to
+        # the loop per batch instead of a loop wake-up per message.
         self._outstanding.pop(delivery.token, None)
+        self._acks.append(b"PUB %s 0\r\n\r\n" % delivery.token.encode())
+        if len(self._acks) >= _ACK_BATCH:
+            self._ack_flush()
+
+    def _ack_flush(self) -> None:
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
         try:
-            super()._ack(delivery)
+            self._publisher.send_raw(b"".join(acks))
         except ClosedError:
-            logger.debug("ack after close dropped; the message will be redelivered")
+            logger.debug("%d ack(s) after close dropped; redelivered later", len(acks))
 
     def _close(self) -> None:
+        self._ack_flush()
         if self._nc is not None and self._subs and self._nc.is_connected:
             # Stop deliveries before leaving: the server removes our interest (so it
             # stops pushing to an inbox about to vanish, where messages would wait
