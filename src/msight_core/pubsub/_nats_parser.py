@@ -99,9 +99,6 @@ class FastParser(_nats_parser.Parser):
         self.routes[sub._id] = route
         return route
 
-    def unroute(self, sid: int) -> Route | None:
-        return self.routes.pop(sid, None)
-
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         buf.extend(data)
