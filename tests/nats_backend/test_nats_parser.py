@@ -107,9 +107,13 @@ class _Recorder:
         self.sub = await self.nc.subscribe("parse.test.>", cb=on_msg)
         self.other = await self.nc.subscribe("parse.other", cb=on_msg)
         self.parser = FastParser(self.nc)
-        route = self.parser.route(
-            self.sub, lambda subject, data: self.events.append(("direct", subject, data))
-        )
+
+        def direct(subject: str, data: bytes, reply: bytes) -> None:
+            self.events.append(("direct", subject, data))
+            self.replies.append(reply)
+
+        self.replies: list[bytes] = []
+        route = self.parser.route(self.sub, direct, marker=b"Mark:")
         assert route is not None
 
     async def settle(self) -> None:
@@ -144,11 +148,15 @@ def _wire(sid: int, other: int) -> tuple[bytes, list[tuple[str, str, bytes]]]:
     out.append(b"PONG\r\n")  # unsolicited: nats-py ignores it without a waiting PING
     msg("parse.other", b"not routed", s=other)
     expect.append(("nats-py", "parse.other", b"not routed"))
-    hmsg("parse.test.h", b"NATS/1.0\r\nK: v\r\n\r\n", b"with header")
-    expect.append(("nats-py", "parse.test.h", b"with header"))
+    # Headers the receiver ignores (a JetStream message id): delivered directly.
+    hmsg("parse.test.h", b"NATS/1.0\r\nNats-Msg-Id: 7\r\n\r\n", b"with header")
+    expect.append(("direct", "parse.test.h", b"with header"))
+    # A status line (heartbeat, flow control, error) is for nats-py.
+    hmsg("parse.test.s", b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", b"")
+    expect.append(("nats-py", "parse.test.s", b""))
     # Right after a message that took nats-py's path, the route waits for it.
-    msg("parse.test.d", b"after header")
-    expect.append(("nats-py", "parse.test.d", b"after header"))
+    msg("parse.test.d", b"after status")
+    expect.append(("nats-py", "parse.test.d", b"after status"))
     msg("parse.test.e", bytes(range(256)) * 300)
     expect.append(("nats-py", "parse.test.e", bytes(range(256)) * 300))
     return b"".join(out), expect
@@ -199,7 +207,7 @@ def test_routed_subscription_returns_to_direct_after_headers(nats_server: NatsSe
         await rec.start()
         try:
             sid = rec.sub._id
-            header = b"NATS/1.0\r\n\r\n"
+            header = b"NATS/1.0\r\nMark: frame-1\r\n\r\n"  # the route's marker
             await rec.parser.parse(
                 f"HMSG parse.test.h {sid} {len(header)} {len(header) + 1}\r\n".encode()
                 + header
@@ -215,6 +223,31 @@ def test_routed_subscription_returns_to_direct_after_headers(nats_server: NatsSe
         ("nats-py", "parse.test.h", b"h"),
         ("direct", "parse.test.p", b"p"),
     ]
+
+
+def test_direct_route_passes_the_reply_subject(nats_server: NatsServer) -> None:
+    """JetStream deliveries are acknowledged on their reply subject."""
+
+    async def run() -> list[bytes]:
+        rec = _Recorder(nats_server.url)
+        await rec.start()
+        try:
+            sid = rec.sub._id
+            header = b"NATS/1.0\r\nNats-Msg-Id: 1\r\n\r\n"
+            await rec.parser.parse(
+                f"MSG parse.test.a {sid} $JS.ACK.s.c.1.1.1.1.0 1\r\na\r\n".encode()
+                + f"MSG parse.test.b {sid} 1\r\nb\r\n".encode()
+                + f"HMSG parse.test.c {sid} $JS.ACK.s.c.1.2.2.1.0 {len(header)} "
+                f"{len(header) + 1}\r\n".encode()
+                + header
+                + b"c\r\n"
+            )
+            assert [e[2] for e in rec.events] == [b"a", b"b", b"c"]
+            return rec.replies
+        finally:
+            await rec.stop()
+
+    assert asyncio.run(run()) == [b"$JS.ACK.s.c.1.1.1.1.0", b"", b"$JS.ACK.s.c.1.2.2.1.0"]
 
 
 def test_malformed_message_line_is_a_protocol_error(nats_server: NatsServer) -> None:

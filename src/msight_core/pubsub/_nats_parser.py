@@ -6,13 +6,15 @@ deleting the consumed bytes (a memmove of the rest of the buffer), building a
 callback: about 13 µs of CPU per 1 KB message here, which caps a subscriber near
 65k msg/s. :class:`FastParser` replaces the client's parser (``Client._ps``,
 installed before connecting) and walks the buffer by offset, compacting it once
-per read. For a subscription registered with :meth:`FastParser.route`, a plain
-message (no headers) goes straight to that subscription's ``deliver(subject,
-payload)`` function, skipping the ``Msg`` object, the queue and the task.
+per read. For a subscription registered with :meth:`FastParser.route`, a
+message goes straight to that subscription's ``deliver(subject, payload,
+reply)`` function, skipping the ``Msg`` object, the queue and the task. Headers
+are dropped on that path, so it takes only messages without headers or with
+headers the receiver ignores (see :meth:`Route.plain_headers`).
 
 Everything else takes nats-py's own path unchanged (``Client._process_msg``,
-``_process_ping`` and so on): messages with headers, JetStream subscriptions,
-other subscriptions, and the control lines. To keep order within a routed
+``_process_ping`` and so on): messages whose headers matter (status messages,
+large-frame notices), other subscriptions, and the control lines. To keep order within a routed
 subscription, once one of its messages took the nats-py path (a large-frame
 notice, which has headers), the following ones take it too until the callback
 has handled all of them (:meth:`Route.done`).
@@ -46,6 +48,7 @@ _HMSG = re.compile(
 _M, _H = ord("M"), ord("H")
 _MAX_CONTROL_LINE = _nats_parser.MAX_CONTROL_LINE_SIZE
 _SUBJECT_CACHE = 4096  # distinct subjects remembered as str per route
+_PLAIN_STATUS = b"NATS/1.0\r\n"  # a header block without a status code
 _VIEW_COPY = 16 * 1024  # from this size, copy through a memoryview (one copy, not two)
 
 
@@ -61,13 +64,23 @@ def _copy(buf: bytearray, start: int, stop: int) -> bytes:
 class Route:
     """Where a routed subscription's plain messages go, and its ordering state."""
 
-    __slots__ = ("busy", "deliver", "sub", "subjects")
+    __slots__ = ("busy", "deliver", "marker", "sub", "subjects")
 
-    def __init__(self, sub: Any, deliver: Callable[[str, bytes], None]) -> None:
+    def __init__(
+        self, sub: Any, deliver: Callable[[str, bytes, bytes], None], marker: bytes | None
+    ) -> None:
         self.sub = sub
         self.deliver = deliver
+        self.marker = marker
         self.busy = 0  # messages handed to nats-py's path and not yet handled
         self.subjects: dict[bytes, str] = {}
+
+    def plain_headers(self, buf: bytearray, start: int, stop: int) -> bool:
+        """Headers the receiver ignores (a message id, say): no status line (which
+        marks heartbeats, flow control and errors) and no ``marker`` header."""
+        if not buf.startswith(_PLAIN_STATUS, start):
+            return False
+        return self.marker is None or buf.find(self.marker, start, stop) < 0
 
     def done(self) -> None:
         """The callback handled one message that took nats-py's path."""
@@ -86,8 +99,16 @@ class FastParser(_nats_parser.Parser):
         super().reset()
         self._head: tuple[bytes, int, bytes, int, int] | None = None  # MSG awaiting payload
 
-    def route(self, sub: Any, deliver: Callable[[str, bytes], None]) -> Route | None:
+    def route(
+        self,
+        sub: Any,
+        deliver: Callable[[str, bytes, bytes], None],
+        marker: bytes | None = None,
+    ) -> Route | None:
         """Send ``sub``'s plain messages to ``deliver``; ``None`` if it is too late.
+
+        Messages with headers go there too, without the headers, unless a header
+        block has a status line or contains ``marker``.
 
         Call it right after ``subscribe()`` returned: if a message for the
         subscription already took nats-py's path, routing the next ones directly
@@ -95,7 +116,7 @@ class FastParser(_nats_parser.Parser):
         """
         if sub._received:
             return None
-        route = Route(sub, deliver)
+        route = Route(sub, deliver, marker)
         self.routes[sub._id] = route
         return route
 
@@ -117,8 +138,12 @@ class FastParser(_nats_parser.Parser):
                         return  # the payload is not all here yet
                     self._head = None
                     route = routes.get(sid)
-                    if route is not None and not hdr_size and not route.busy:
-                        payload = _copy(buf, pos, stop)
+                    if (
+                        route is not None
+                        and not route.busy
+                        and (not hdr_size or route.plain_headers(buf, pos, pos + hdr_size))
+                    ):
+                        payload = _copy(buf, pos + hdr_size, stop)
                         pos = stop + 2
                         stats["in_msgs"] += 1
                         stats["in_bytes"] += size
@@ -128,7 +153,7 @@ class FastParser(_nats_parser.Parser):
                             if len(route.subjects) >= _SUBJECT_CACHE:
                                 route.subjects.clear()
                             name = route.subjects[subject] = subject.decode()
-                        route.deliver(name, payload)
+                        route.deliver(name, payload, reply)
                         continue
                     hdr = bytes(buf[pos : pos + hdr_size]) if hdr_size else None
                     payload = _copy(buf, pos + hdr_size, stop)

@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _SUB_PENDING_MSGS = 1_000_000
 _SUB_PENDING_BYTES = 512 * 1024 * 1024
+_FRAME_MARKER = FRAME_HEADER.encode() + b":"  # large-frame notices need their headers
 _ACK_BATCH = 64  # JetStream acks held back at most before they are sent
 _live: weakref.WeakSet[NATSPubSub] = weakref.WeakSet()
 
@@ -299,10 +300,10 @@ class NATSPubSub(QueueBackend):
         )
         if self._parser is not None:
             # Plain messages skip nats-py's Msg object, queue and task (_nats_parser).
-            self._parser.route(sub, self._deliver)
+            self._parser.route(sub, self._deliver, _FRAME_MARKER)
         await nc.flush(self.config.connect_timeout)  # the server has the SUB now
 
-    def _deliver(self, subject: str, data: bytes) -> None:
+    def _deliver(self, subject: str, data: bytes, reply: bytes) -> None:
         """On the loop: a routed plain message, straight from the parser."""
         self._inbox.append(Delivery(subject, data, None))
         if not self._inbox_scheduled:
@@ -514,7 +515,28 @@ class NATSJetStreamPubSub(NATSPubSub):
                 pending_bytes_limit=_SUB_PENDING_BYTES,
             )
         self._subs[name] = sub
+        # Deliveries skip nats-py's Msg object, queue and task, as in core mode,
+        # unless the consumer (ours never do; one made elsewhere may) uses idle
+        # heartbeats or flow control, which nats-py tracks on its own path.
+        consumer_config = getattr(getattr(sub._sub, "_jsi", None), "_ccreq", None)
+        if (
+            self._parser is not None
+            and consumer_config is not None
+            and not consumer_config.idle_heartbeat
+            and not consumer_config.flow_control
+        ):
+            self._parser.route(sub._sub, self._deliver_acked, _FRAME_MARKER)
         await self._nc.flush(cfg.connect_timeout)
+
+    def _deliver_acked(self, subject: str, data: bytes, reply: bytes) -> None:
+        """On the loop: a routed JetStream delivery; ``reply`` is its ack subject."""
+        token = reply.decode() if reply else None
+        if token is not None:
+            self._outstanding[token] = None
+        self._inbox.append(Delivery(subject, data, token))
+        if not self._inbox_scheduled:
+            self._inbox_scheduled = True
+            self._loop.loop.call_soon(self._flush_inbox)
 
     def __init__(self, config: NatsConfig | None = None) -> None:
         super().__init__(config)
