@@ -6,8 +6,9 @@ that a writer coroutine hands to nats-py in batches (see ``_nats_pub``), so
 there is no loop hand-off or round trip per message. Received plain messages go
 from the protocol parser (``_nats_parser``, which replaces nats-py's and skips its
 per-message objects and tasks) straight into the bounded receive queue read by
-``listen()``/``receive()``, a batch per socket read; messages with headers (large
-frame notices) and JetStream deliveries take nats-py's subscription callback.
+``listen()``/``receive()``, a batch per socket read; JetStream deliveries take the
+same route with their ack subject. Messages whose headers matter (large-frame
+notices, JetStream status messages) take nats-py's subscription callback.
 
 * **Groups.** With ``group_id``, subscriptions join the NATS queue group of that
   name: each message goes to one member. Without it, every subscriber gets all.
@@ -305,7 +306,12 @@ class NATSPubSub(QueueBackend):
 
     def _deliver(self, subject: str, data: bytes, reply: bytes) -> None:
         """On the loop: a routed plain message, straight from the parser."""
-        self._inbox.append(Delivery(subject, data, None))
+        self._collect(Delivery(subject, data, None))
+
+    def _collect(self, delivery: Delivery) -> None:
+        # Collect what arrives in this loop iteration and queue it in one go: one
+        # lock and one wake-up of the application thread per batch.
+        self._inbox.append(delivery)
         if not self._inbox_scheduled:
             self._inbox_scheduled = True
             self._loop.loop.call_soon(self._flush_inbox)
@@ -328,12 +334,7 @@ class NATSPubSub(QueueBackend):
                 return
             self._queue.put(Delivery(msg.subject, data, self._token(msg)))
             return
-        # Collect what nats-py hands over in this loop iteration and queue it in one
-        # go: one lock and one wake-up of the application thread per batch.
-        self._inbox.append(Delivery(msg.subject, msg.data, self._token(msg)))
-        if not self._inbox_scheduled:
-            self._inbox_scheduled = True
-            self._loop.loop.call_soon(self._flush_inbox)
+        self._collect(Delivery(msg.subject, msg.data, self._token(msg)))
 
     def _flush_inbox(self) -> None:
         self._inbox_scheduled = False
@@ -533,10 +534,7 @@ class NATSJetStreamPubSub(NATSPubSub):
         token = reply.decode() if reply else None
         if token is not None:
             self._outstanding[token] = None
-        self._inbox.append(Delivery(subject, data, token))
-        if not self._inbox_scheduled:
-            self._inbox_scheduled = True
-            self._loop.loop.call_soon(self._flush_inbox)
+        self._collect(Delivery(subject, data, token))
 
     def __init__(self, config: NatsConfig | None = None) -> None:
         super().__init__(config)
