@@ -121,18 +121,16 @@ class Publisher:
         prefix = self._prefixes.get(name)
         if prefix is None:
             prefix = self._prefixes[name] = b"PUB " + name.encode() + b" "
+        head = b"%s%d\r\n" % (prefix, size)
         with self._cond:
             if self._error is not None:
                 self._raise_error()
             if self._buf_bytes and self._buf_bytes + size > self.buffer_bytes:
                 self._wait_for_room(size)
-            buf = self._buf
             if size < _DIRECT_BYTES:
-                buf.append(b"%s%d\r\n" % (prefix, size))
-                buf.append(data)
-                buf.append(CRLF)
+                self._buf += (head, data, CRLF)
             else:
-                buf.append((b"%s%d\r\n" % (prefix, size), data, CRLF))
+                self._buf.append((head, data, CRLF))  # one piece: see _emit
             self._buf_msgs += 1
             self._buf_bytes += size
             if self._idle:

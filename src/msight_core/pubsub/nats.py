@@ -212,9 +212,7 @@ class NATSPubSub(QueueBackend):
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.slow_consumer_drops += 1
-            route = self._parser.routes.get(exc.sid) if self._parser is not None else None
-            if route is not None:
-                route.done()  # dropped: the callback will not see it
+            self._route_done(exc.sid)  # dropped: the callback will not see it
             if self.slow_consumer_drops == 1 or self.slow_consumer_drops % 1000 == 0:
                 logger.warning(
                     "NATS slow consumer: dropped %d message(s) so far (last on %r)",
@@ -320,9 +318,13 @@ class NATSPubSub(QueueBackend):
         try:
             await self._handle(msg)
         finally:
-            route = self._parser.routes.get(msg.sid) if self._parser is not None else None
-            if route is not None:
-                route.done()  # the parser may route this subscription directly again
+            self._route_done(msg.sid)  # the parser may route it directly again
+
+    def _route_done(self, sid: int) -> None:
+        """A message of subscription ``sid`` that took nats-py's path is handled."""
+        route = self._parser.routes.get(sid) if self._parser is not None else None
+        if route is not None:
+            route.done()
 
     async def _handle(self, msg: Any) -> None:
         headers = msg.headers
@@ -332,9 +334,9 @@ class NATSPubSub(QueueBackend):
             if data is None:
                 self._lost_frame(msg)
                 return
-            self._queue.put(Delivery(msg.subject, data, self._token(msg)))
+            self._queue.put(Delivery(msg.subject, data, self._token(msg.reply)))
             return
-        self._collect(Delivery(msg.subject, msg.data, self._token(msg)))
+        self._collect(Delivery(msg.subject, msg.data, self._token(msg.reply)))
 
     def _flush_inbox(self) -> None:
         self._inbox_scheduled = False
@@ -342,7 +344,8 @@ class NATSPubSub(QueueBackend):
             batch, self._inbox = self._inbox, []
             self._queue.put_many(batch)
 
-    def _token(self, msg: Any) -> Any:
+    def _token(self, reply: str) -> Any:
+        """What acknowledges a delivery with this reply subject (core NATS: nothing)."""
         return None
 
     def _lost_frame(self, msg: Any) -> None:
@@ -531,10 +534,7 @@ class NATSJetStreamPubSub(NATSPubSub):
 
     def _deliver_acked(self, subject: str, data: bytes, reply: bytes) -> None:
         """On the loop: a routed JetStream delivery; ``reply`` is its ack subject."""
-        token = reply.decode() if reply else None
-        if token is not None:
-            self._outstanding[token] = None
-        self._collect(Delivery(subject, data, token))
+        self._collect(Delivery(subject, data, self._token(reply.decode())))
 
     def __init__(self, config: NatsConfig | None = None) -> None:
         super().__init__(config)
@@ -543,10 +543,10 @@ class NATSJetStreamPubSub(NATSPubSub):
         self._outstanding: dict[str, None] = {}
         self._acks: list[bytes] = []  # processed, acknowledgement not yet handed over
 
-    def _token(self, msg: Any) -> Any:
-        reply = msg.reply or None
-        if reply is not None:
-            self._outstanding[reply] = None
+    def _token(self, reply: str) -> Any:
+        if not reply:
+            return None
+        self._outstanding[reply] = None
         return reply
 
     async def _drain_subscriptions(self) -> None:
