@@ -41,6 +41,7 @@ __all__ = [
     "load_queue_config",
     "load_redis_config",
     "parse_bool",
+    "parse_redis_node",
     "parse_server_list",
 ]
 
@@ -374,6 +375,33 @@ def parse_server_list(value: str, var: str = "server list") -> tuple[str, ...]:
     if not items:
         raise ConfigError(f"{var} must list at least one server, got {_shown(value)}")
     return tuple(items)
+
+
+def parse_redis_node(entry: str, default_port: int = 6379) -> tuple[str, int]:
+    """``"host:port"``, ``"redis://host:port"`` or ``"[::1]:port"`` -> ``(host, port)``.
+
+    Used for ``MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES`` entries and for the
+    addresses in a cluster's ``MOVED`` replies. Credentials in a URL are skipped.
+
+    Raises:
+        ConfigError: the port is not a number in [1, 65535].
+    """
+    text = entry.strip()
+    if "://" in text:
+        text = text.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ConfigError(f"Redis cluster node {_shown(host)} is not host:port") from None
+    _check_port(f"Redis cluster node {_shown(host)}", port)
+    return host or "localhost", port
 
 
 def _check_port(var: str, port: int) -> None:

@@ -65,15 +65,15 @@ def _cluster_client(redis: Any, config: RedisConfig, options: dict[str, Any]) ->
     from redis.cluster import ClusterNode
     from redis.exceptions import RedisClusterException, RedisError
 
+    from .config import parse_redis_node
     from .errors import BrokerUnavailableError, ConfigError
-    from .pubsub._redis_slots import parse_node
 
     if options.pop("db", 0):
         raise ConfigError("Redis Cluster has only database 0; unset MSIGHT_REDIS_MESSAGE_BROKER_DB")
     options.pop("host", None)
     options.pop("port", None)
     entries = config.cluster_nodes or (f"{config.host}:{config.port}",)
-    nodes = [ClusterNode(*parse_node(entry)) for entry in entries]
+    nodes = [ClusterNode(*parse_redis_node(entry)) for entry in entries]
     try:
         return redis.RedisCluster(startup_nodes=nodes, **options)
     except (RedisClusterException, RedisError) as exc:

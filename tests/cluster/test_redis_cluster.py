@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from msight_core.config import load_redis_config
+from msight_core.config import parse_redis_node as parse_node
 from msight_core.errors import ConfigError
 from msight_core.pubsub import RedisPubSub
-from msight_core.pubsub._redis_slots import SlotMap, crc16, key_slot, parse_node
+from msight_core.pubsub._redis.slots import SlotMap, crc16, key_slot
 from msight_core.testing.brokers import RedisServer
 from msight_core.testing.clusters import RedisCluster
 from msight_core.topics import get_topic, list_topics
@@ -66,13 +67,19 @@ def test_parse_node_forms() -> None:
     assert parse_node("onlyhost") == ("onlyhost", 6379)
     with pytest.raises(ConfigError):
         parse_node("h:notaport")
+    with pytest.raises(ConfigError):
+        parse_node("h:99999")
+    # A malformed entry written with credentials does not echo them.
+    with pytest.raises(ConfigError) as info:
+        parse_node("redis://alice:s3cret@h:notaport")
+    assert "s3cret" not in str(info.value)
 
 
 def test_cluster_mode_is_selected_by_config(cluster: RedisCluster) -> None:
     backend = RedisPubSub(load_redis_config(cluster.env()))
     try:
         assert isinstance(backend, RedisPubSub)
-        assert type(backend).__name__ == "RedisClusterPubSub"
+        assert type(backend) is RedisPubSub and backend.cluster
         assert "cluster" in repr(backend)
     finally:
         backend.close()
@@ -164,7 +171,7 @@ def test_registry_and_backend_on_a_cluster_client(cluster: RedisCluster, unique_
         assert unique_topic in list_topics(client)
         backend = RedisPubSub(client)  # the seed's RedisPubSub(get_redis_client())
         try:
-            assert type(backend).__name__ == "RedisClusterPubSub"
+            assert type(backend) is RedisPubSub and backend.cluster
             backend.subscribe(topic)
             backend.publish(topic, b"hello")
             msg = backend.receive(5)

@@ -251,3 +251,45 @@ def test_password_auth(unique_topic: str) -> None:
         assert secret not in str(info.value) and "wrong-" not in str(info.value)
         assert secret not in repr(bad)
         bad.close()
+
+
+def test_settings_come_from_the_clients_public_api() -> None:
+    """Host, credentials and TLS of a redis-py client are read through
+    ``get_connection_kwargs()`` only: no private attribute of redis-py is touched."""
+    import redis
+
+    from msight_core.pubsub._redis.wire import endpoint_from_client
+
+    plain = endpoint_from_client(redis.Redis(host="h1", port=7001, username="u", password="pw"))
+    assert (plain.host, plain.port, plain.username, plain.use_tls) == ("h1", 7001, "u", False)
+    assert plain.password is not None and plain.password.reveal() == "pw"
+    assert "pw" not in repr(plain)
+    tls = endpoint_from_client(
+        redis.Redis(host="h2", port=7002, ssl=True, ssl_cert_reqs="none", ssl_ca_certs="/ca.pem")
+    )
+    assert tls.use_tls and not tls.tls_verify and tls.tls_ca_cert_file == "/ca.pem"
+
+    class NotAClient:
+        connection_pool = None
+
+    with pytest.raises(TypeError, match="redis.Redis"):
+        RedisPubSub(NotAClient())
+
+
+def test_one_class_whatever_the_mode() -> None:
+    single = RedisPubSub(load_redis_config({}))
+    cluster = RedisPubSub(
+        load_redis_config(
+            {
+                "MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER": "true",
+                "MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES": "a:7000,b:7001",
+            }
+        )
+    )
+    try:
+        assert type(single) is RedisPubSub and not single.cluster
+        assert type(cluster) is RedisPubSub and cluster.cluster
+        assert "cluster a:7000,b:7001" in repr(cluster)
+    finally:
+        single.close()
+        cluster.close()

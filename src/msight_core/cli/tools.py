@@ -49,7 +49,7 @@ def run_broker(kind: str, port: int | None, out: TextIO, err: TextIO) -> int:
         err.flush()
         while broker.running:
             time.sleep(0.2)
-        raise CliError(f"the {kind} broker exited on its own: {broker._log_tail()}")
+        raise CliError(f"the {kind} broker exited on its own: {broker.log_tail()}")
     except KeyboardInterrupt:
         err.write(f"stopping the {kind} broker\n")
         return 0

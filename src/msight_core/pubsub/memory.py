@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..config import QueueConfig, load_queue_config
@@ -19,27 +20,33 @@ from .base import Capabilities
 __all__ = ["MemoryBroker", "MemoryPubSub"]
 
 
+#: How a broker hands a message to one subscriber (its receive queue's ``put``).
+Deliver = Callable[[Delivery], object]
+
+
 class MemoryBroker:
     """Routes messages between :class:`MemoryPubSub` instances of one process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # topic -> group key (None for broadcast members) -> members
-        self._routes: dict[str, dict[Any, list[MemoryPubSub]]] = {}
+        # topic -> group key (("solo", deliver) for broadcast members) -> members
+        self._routes: dict[str, dict[Any, list[Deliver]]] = {}
         self._turn = itertools.count()
 
-    def join(self, name: str, member: MemoryPubSub) -> None:
+    def join(self, name: str, group_id: str | None, deliver: Deliver) -> None:
+        """Route messages of ``name`` to ``deliver``, shared with others of ``group_id``."""
         with self._lock:
             groups = self._routes.setdefault(name, {})
-            key = member.group_id if member.group_id is not None else ("solo", id(member))
-            groups.setdefault(key, []).append(member)
+            key = group_id if group_id is not None else ("solo", deliver)
+            groups.setdefault(key, []).append(deliver)
 
-    def leave(self, member: MemoryPubSub) -> None:
+    def leave(self, deliver: Deliver) -> None:
+        """Stop routing anything to ``deliver``."""
         with self._lock:
             for groups in self._routes.values():
                 for key in list(groups):
-                    if member in groups[key]:
-                        groups[key].remove(member)
+                    if deliver in groups[key]:
+                        groups[key].remove(deliver)
                     if not groups[key]:
                         del groups[key]
 
@@ -54,8 +61,8 @@ class MemoryBroker:
             ]
             delivery = Delivery(name, data)
             # Deliver under the lock so one publisher's order is kept per subscriber.
-            for member in targets:
-                member._queue.put(delivery)
+            for deliver in targets:
+                deliver(delivery)
 
 
 _default_broker = MemoryBroker()
@@ -86,10 +93,10 @@ class MemoryPubSub(QueueBackend):
         return f"<MemoryPubSub group_id={self.group_id!r} topics={list(self.topics)}>"
 
     def _subscribe(self, name: str) -> None:
-        self.broker.join(name, self)
+        self.broker.join(name, self.group_id, self._queue.put)
 
     def _publish(self, name: str, data: bytes) -> None:
         self.broker.route(name, data)
 
     def _close(self) -> None:
-        self.broker.leave(self)
+        self.broker.leave(self._queue.put)

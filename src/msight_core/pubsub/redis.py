@@ -1,10 +1,10 @@
-"""Redis backend: ``PUBLISH``/``SUBSCRIBE`` with a socket drained on its own thread.
+"""Redis backend: ``RedisPubSub``, the seed's class, over one server or a cluster.
 
 Redis pub/sub has no flow control: a subscriber with 32 MB queued on the server
 (or 8 MB for 60 s) is disconnected and its backlog is lost. So a dedicated
 reader thread drains the socket continuously, parses replies in bulk with
-hiredis and hands messages to a bounded :class:`~._core.ReceiveQueue`; the
-application's pace only decides what that queue keeps (see ``OverflowPolicy``).
+hiredis and hands messages to a bounded receive queue; the application's pace
+only decides what that queue keeps (see ``OverflowPolicy``).
 
 Publishing never waits for a round trip: ``publish()`` appends to an outgoing
 buffer and a writer thread sends whatever has accumulated as one batch, in
@@ -12,432 +12,98 @@ order, then reads the replies in bulk. While Redis is unreachable the buffer
 holds up to ``PublishConfig.buffer_bytes``; beyond that ``publish()`` waits up
 to ``PublishConfig.timeout`` and raises :class:`BackpressureError`.
 
+In cluster mode (``MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER=true``, or a
+``redis.RedisCluster`` client) the same class speaks sharded pub/sub
+(``SPUBLISH``/``SSUBSCRIBE``, Redis 7+ or Valkey 7+), so a channel's traffic
+stays on the shard that owns it; older servers are refused with
+:class:`~msight_core.errors.ShardedPubSubUnsupportedError` on first use.
+
 Payloads go on the wire unchanged: ``redis-cli SUBSCRIBE`` sees exactly the
 published bytes. Delivery is best-effort, as the seeds document: messages
 published while a subscriber is disconnected are lost; reconnects are logged
-and counted.
+and counted. The publishers and subscribers live in ``_redis/``.
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
-import select
-import socket
-import threading
-import time
-import weakref
+import dataclasses
 from typing import Any
 
-from ..config import RedisConfig, load_redis_config
-from ..errors import (
-    AuthenticationError,
-    BrokerUnavailableError,
-    MsightError,
-)
-from ._core import Delivery, QueueBackend, ReceiveQueue
-from ._redis_conn import (
+from ..config import RedisConfig, load_redis_config, parse_redis_node
+from ._core import QueueBackend
+from ._redis import cluster_publisher, cluster_subscriber, single
+from ._redis.slots import SlotMap
+from ._redis.wire import (
     Endpoint,
-    ReplyStream,
-    connect,
+    cluster_endpoints,
     endpoint_from_client,
     endpoint_from_config,
-    hiredis,
-    pack_command,
-    send_buffers,
+    is_cluster_client,
 )
-from ._redis_outbox import Outbox
 from .base import Capabilities
 
 __all__ = ["RedisPubSub"]
-
-logger = logging.getLogger(__name__)
-
-_REPLY_HIGH_WATER = 8192  # read replies once this many are outstanding
-_REPLY_CHUNK = 256 * 1024
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
-_CLOSE_TIMEOUT = 5.0
-
-_live_publishers: weakref.WeakSet[_Publisher] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    # A script that publishes and exits must not lose what publish() accepted.
-    for publisher in list(_live_publishers):
-        try:
-            publisher.close(_CLOSE_TIMEOUT)
-        except Exception:  # pragma: no cover - best effort at interpreter exit
-            logger.debug("flush at exit failed", exc_info=True)
-
-
-class _Publisher(Outbox):
-    """Outgoing buffer plus the writer thread that owns the publishing socket."""
-
-    def __init__(self, endpoint: Endpoint, buffer_bytes: int, timeout: float) -> None:
-        super().__init__(buffer_bytes, timeout)
-        self.endpoint = endpoint
-        self.where = f"Redis at {endpoint.address}"
-        self._writer_waiting = False
-        self._sock: socket.socket | None = None
-        self._reply_tail = b""
-        _live_publishers.add(self)
-
-    def publish(self, prefix: bytes, data: bytes) -> None:
-        size = len(data)
-        with self._cond:
-            self._admit(size)
-            self._pending.append(b"%s$%d\r\n" % (prefix, size))
-            self._pending.append(data)
-            self._pending.append(b"\r\n")
-            self._accepted(size)
-            if self._writer_waiting:
-                self._cond.notify_all()
-
-    def close(self, timeout: float) -> None:
-        _live_publishers.discard(self)
-        super().close(timeout)
-
-    def _interrupt(self) -> None:
-        sock = self._sock
-        if sock is not None:
-            _shutdown_socket(sock)
-
-    # -- writer thread ------------------------------------------------------------
-
-    def _run(self) -> None:
-        backoff = _BACKOFF_MIN
-        while True:
-            with self._cond:
-                while not self._pending and not self._unreplied and not self._closing:
-                    self._writer_waiting = True
-                    self._cond.notify_all()  # flush() waiters: settled
-                    self._cond.wait()
-                self._writer_waiting = False
-                if self._abort or (self._closing and not self._pending and not self._unreplied):
-                    break
-                batch, count = self._pending, self._pending_msgs
-                self._pending = []
-            try:
-                if self._sock is None:
-                    self._sock = self._connect()
-                    self._reply_tail = b""
-                    backoff = _BACKOFF_MIN
-                if batch:
-                    send_buffers(self._sock, batch)
-                sent_bytes = sum(len(b) for b in batch[1::3])
-                with self._cond:
-                    self._pending_msgs -= count
-                    self._pending_bytes -= sent_bytes
-                    self._unreplied += count
-                    self.published += count
-                    self._cond.notify_all()
-                    more = bool(self._pending)
-                if self._unreplied >= _REPLY_HIGH_WATER or not more:
-                    self._read_replies()
-            except AuthenticationError as exc:
-                with self._cond:
-                    self._fatal = exc
-                    self._pending[:0] = batch
-                    self._cond.notify_all()
-                logger.error("%s; publishing stopped", exc)
-                return
-            except (OSError, BrokerUnavailableError, hiredis.ProtocolError) as exc:
-                with self._cond:
-                    self._pending[:0] = batch  # not confirmed sent: keep, resend later
-                    self._lost_connection(exc)
-                    if self._closing and self._abort:
-                        break
-                    self._cond.wait(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _connect(self) -> socket.socket:
-        sock = connect(self.endpoint)
-        sock.settimeout(self.timeout)
-        if self._last_problem is not None:
-            logger.warning("publisher reconnected to Redis at %s", self.endpoint.address)
-            self._last_problem = None
-        return sock
-
-    def _lost_connection(self, exc: BaseException) -> None:
-        # Called with the lock held. Log once per outage, not per message.
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self.reconnects += 1
-        if self._unreplied:
-            self.possibly_lost += self._unreplied
-            self._unreplied = 0
-        problem = str(exc) if isinstance(exc, MsightError) else f"{type(exc).__name__}: {exc}"
-        if self._last_problem is None:
-            logger.warning(
-                "publisher lost Redis at %s (%s); buffering up to %d bytes and retrying",
-                self.endpoint.address,
-                problem,
-                self.buffer_bytes,
-            )
-        self._last_problem = problem
-
-    def _read_replies(self) -> None:
-        """Consume the replies to everything sent so far.
-
-        Every PUBLISH reply is one line (``:N`` receivers, or ``-ERR ...``), so
-        counting line ends is enough; no per-reply parsing on the hot path.
-        """
-        sock = self._sock
-        assert sock is not None
-        tail = self._reply_tail
-        while self._unreplied:
-            data = sock.recv(_REPLY_CHUNK)
-            if not data:
-                raise ConnectionResetError("connection closed by Redis")
-            data = tail + data if tail else data
-            end = data.rfind(b"\r\n") + 2
-            if end < 2:
-                tail = data
-                continue
-            complete, tail = data[:end], data[end:]
-            replies = complete.count(b"\r\n")
-            with self._cond:
-                self._unreplied -= replies
-                self.unrouted += complete.count(b":0\r\n")
-                if self._unreplied <= 0:
-                    self._unreplied = 0
-                    self._cond.notify_all()
-            if b"-" in complete:
-                for line in complete.split(b"\r\n"):
-                    if line.startswith(b"-"):
-                        self.failed += 1
-                        logger.error(
-                            "Redis refused a PUBLISH: %s", line[1:].split(b" ", 1)[0].decode()
-                        )
-        self._reply_tail = tail
-
-
-class _Subscriber:
-    """The subscribing socket and the reader thread that drains it."""
-
-    def __init__(self, endpoint: Endpoint, queue: ReceiveQueue) -> None:
-        self.endpoint = endpoint
-        self.queue = queue
-        self._lock = threading.Lock()
-        self._names: list[str] = []
-        self._outbox: list[bytes] = []
-        self._confirmed: dict[str, threading.Event] = {}
-        self._sock: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self.reconnects = 0
-        self.outage_seconds = 0.0
-
-    def subscribe(self, name: str) -> None:
-        event = threading.Event()
-        with self._lock:
-            self._names.append(name)
-            self._confirmed[name] = event
-            self._outbox.append(pack_command(b"SUBSCRIBE", name.encode()))
-            start = self._thread is None
-        if start:
-            try:
-                self._sock = connect(self.endpoint)
-            except BaseException:
-                with self._lock:
-                    self._names.remove(name)
-                    self._outbox.clear()
-                raise
-            self._thread = threading.Thread(
-                target=self._run, name="msight-redis-reader", daemon=True
-            )
-            self._thread.start()
-        else:
-            self._wake()
-        if not event.wait(self.endpoint.connect_timeout):
-            with self._lock:
-                if name in self._names:
-                    self._names.remove(name)
-            raise BrokerUnavailableError(
-                f"Redis at {self.endpoint.address} did not confirm SUBSCRIBE {name} "
-                f"within {self.endpoint.connect_timeout:g}s"
-            )
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(_CLOSE_TIMEOUT)
-        if self._sock is not None:
-            self._sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        lost_at: float | None = None
-        backoff = _BACKOFF_MIN
-        while not self._closed:
-            try:
-                if self._sock is None:
-                    self._sock = connect(self.endpoint)
-                    with self._lock:
-                        self._outbox = [pack_command(b"SUBSCRIBE", n.encode()) for n in self._names]
-                    if lost_at is not None:
-                        outage = time.monotonic() - lost_at
-                        self.outage_seconds += outage
-                        logger.warning(
-                            "subscriber reconnected to Redis at %s after %.2fs; resubscribed to %s",
-                            self.endpoint.address,
-                            outage,
-                            ", ".join(self._names),
-                        )
-                        lost_at = None
-                    backoff = _BACKOFF_MIN
-                self._drain(self._sock)
-            except AuthenticationError as exc:
-                logger.error("%s; subscriber stopped", exc)
-                self.queue.fail(exc)
-                return
-            except (OSError, hiredis.ProtocolError, BrokerUnavailableError) as exc:
-                if self._closed:
-                    break
-                if self._sock is not None:
-                    self._sock.close()
-                    self._sock = None
-                if lost_at is None:
-                    lost_at = time.monotonic()
-                    self.reconnects += 1
-                    logger.warning(
-                        "subscriber lost Redis at %s (%s) on topics %s; reconnecting. "
-                        "Messages published meanwhile are lost (Redis pub/sub is best-effort)",
-                        self.endpoint.address,
-                        exc if isinstance(exc, MsightError) else type(exc).__name__,
-                        ", ".join(self._names),
-                    )
-                time.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
-
-    def _drain(self, sock: socket.socket) -> None:
-        """Read until the connection fails or the subscriber closes."""
-        stream = ReplyStream(sock)
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        is_tls = hasattr(sock, "pending")
-        names: dict[bytes, str] = {}
-        put_many = self.queue.put_many
-        while not self._closed:
-            if self._outbox:
-                with self._lock:
-                    outbox, self._outbox = self._outbox, []
-                sock.sendall(b"".join(outbox))
-            if not (is_tls and sock.pending()):  # type: ignore[attr-defined]
-                events = poller.poll()
-                if any(fd == self._wake_r.fileno() for fd, _ in events):
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    if not any(fd == sock.fileno() for fd, _ in events):
-                        continue
-            batch: list[Delivery] = []
-            for reply in stream.read():
-                if type(reply) is list and len(reply) == 3:
-                    kind = reply[0]
-                    if kind == b"message":
-                        channel = reply[1]
-                        name = names.get(channel)
-                        if name is None:
-                            name = names[channel] = channel.decode()
-                        batch.append(Delivery(name, reply[2]))
-                        continue
-                    if kind == b"subscribe":
-                        event = self._confirmed.get(reply[1].decode())
-                        if event is not None:
-                            event.set()
-                        continue
-                if isinstance(reply, hiredis.ReplyError):
-                    logger.error("Redis refused a subscription: %s", reply)
-            if batch:
-                put_many(batch)
-
-
-def _shutdown_socket(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class RedisPubSub(QueueBackend):
     """Redis pub/sub: broadcast, best-effort, very low latency.
 
     Args:
-        client: a ``redis.Redis`` client (the seed's ``get_redis_client()``), whose
-            host, port, credentials and TLS settings are reused; or a
-            :class:`~msight_core.config.RedisConfig`; or ``None`` for the
-            ``MSIGHT_REDIS_MESSAGE_BROKER_*`` environment.
+        client: a ``redis.Redis`` or ``redis.RedisCluster`` client (the seed's
+            ``get_redis_client()``), whose hosts, credentials and TLS settings are
+            reused; or a :class:`~msight_core.config.RedisConfig`; or ``None``
+            for the ``MSIGHT_REDIS_MESSAGE_BROKER_*`` environment.
         config: queue and publish bounds (defaults from the environment).
+
+    Raises:
+        TypeError: ``client`` is neither a redis-py client nor a ``RedisConfig``.
+        ConfigError: a cluster node entry is malformed.
 
     No connection is made until the first ``subscribe()`` or ``publish()``.
     """
 
     capabilities = Capabilities(broadcast=True, groups=False, persistent=False, ordered=True)
 
-    def __new__(cls, client: Any = None, config: RedisConfig | None = None) -> Any:
-        # Cluster mode (use_cluster, or a redis.RedisCluster client) is served by
-        # a subclass speaking sharded pub/sub; callers keep using RedisPubSub.
-        impl = cls
-        if cls is RedisPubSub:
-            from ._redis_cluster import RedisClusterPubSub, is_cluster
-
-            if is_cluster(client, config):
-                impl = RedisClusterPubSub
-        return super().__new__(impl)
-
     def __init__(self, client: Any = None, config: RedisConfig | None = None) -> None:
         if isinstance(client, RedisConfig):
-            config = client
-            endpoint = endpoint_from_config(client)
-        else:
-            config = config or load_redis_config()
-            endpoint = (
-                endpoint_from_config(config) if client is None else endpoint_from_client(client)
-            )
+            config, client = client, None
+        config = config or load_redis_config()
         super().__init__(config.queue)
         self.config = config
-        self.endpoint = endpoint
-        self._publisher = _Publisher(endpoint, config.publish.buffer_bytes, config.publish.timeout)
-        self._subscriber: _Subscriber | None = None
-        self._prefixes: dict[str, bytes] = {}
+        bound, timeout = config.publish.buffer_bytes, config.publish.timeout
+        if is_cluster_client(client) or (client is None and config.use_cluster):
+            seeds = cluster_endpoints(client) if client is not None else _seeds(config)
+            slots = self._slots = SlotMap(seeds)
+            self.cluster = True
+            self.endpoint = seeds[0]
+            self._publisher: Any = cluster_publisher.Publisher(slots, bound, timeout)
+            self._new_subscriber: Any = lambda queue: cluster_subscriber.Subscriber(
+                slots, queue, max(seeds[0].connect_timeout, 5.0)
+            )
+            self._where = "cluster " + ",".join(e.address for e in seeds[:3])
+        else:
+            if client is None:
+                endpoint = endpoint_from_config(config)
+            else:
+                endpoint = endpoint_from_client(client)
+            self.cluster = False
+            self.endpoint = endpoint
+            self._publisher = single.Publisher(endpoint, bound, timeout)
+            self._new_subscriber = lambda queue: single.Subscriber(endpoint, queue)
+            self._where = endpoint.address
+        self._subscriber: Any = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<RedisPubSub {self.endpoint.address} {state} topics={list(self.topics)}>"
+        return f"<RedisPubSub {self._where} {state} topics={list(self.topics)}>"
 
     def _subscribe(self, name: str) -> None:
         if self._subscriber is None:
-            self._subscriber = _Subscriber(self.endpoint, self._queue)
+            self._subscriber = self._new_subscriber(self._queue)
         self._subscriber.subscribe(name)
 
     def _publish(self, name: str, data: bytes) -> None:
-        prefix = self._prefixes.get(name)
-        if prefix is None:
-            raw = name.encode()
-            prefix = self._prefixes[name] = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (
-                len(raw),
-                raw,
-            )
-        self._publisher.publish(prefix, data)
+        self._publisher.publish(name, data)
 
     def _flush(self, timeout: float | None) -> None:
         self._publisher.flush(timeout)
@@ -451,16 +117,18 @@ class RedisPubSub(QueueBackend):
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
-        pub = self._publisher
-        out.update(
-            published=pub.published,
-            unrouted=pub.unrouted,
-            possibly_lost=pub.possibly_lost,
-            publisher_reconnects=pub.reconnects,
-        )
+        out.update(self._publisher.stats())
         if self._subscriber is not None:
-            out.update(
-                subscriber_reconnects=self._subscriber.reconnects,
-                outage_seconds=round(self._subscriber.outage_seconds, 3),
-            )
+            out.update(self._subscriber.stats())
         return out
+
+
+def _seeds(config: RedisConfig) -> list[Endpoint]:
+    """The cluster nodes to ask for the slot map first (``cluster_nodes``, else host:port)."""
+    base = endpoint_from_config(config)
+    entries = config.cluster_nodes or (f"{config.host}:{config.port}",)
+    seeds = []
+    for entry in entries:
+        host, port = parse_redis_node(entry)
+        seeds.append(dataclasses.replace(base, host=host, port=port))
+    return seeds

@@ -193,7 +193,7 @@ class EmbeddedBroker:
             if self.process.poll() is not None:
                 raise BrokerUnavailableError(
                     f"{self.kind} server exited with code {self.process.returncode}: "
-                    f"{self._log_tail()}"
+                    f"{self.log_tail()}"
                 )
             try:
                 if self.probe():
@@ -205,7 +205,7 @@ class EmbeddedBroker:
         self.kill()
         raise BrokerUnavailableError(
             f"{self.kind} server did not accept connections on {self.address} within "
-            f"{self.startup_timeout:g}s: {self._log_tail()}"
+            f"{self.startup_timeout:g}s: {self.log_tail()}"
         )
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -258,7 +258,8 @@ class EmbeddedBroker:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address} {'running' if self.running else 'stopped'}>"
 
-    def _log_tail(self, lines: int = 5) -> str:
+    def log_tail(self, lines: int = 5) -> str:
+        """The last ``lines`` lines of the broker's log, joined with ` | ` (for errors)."""
         try:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:

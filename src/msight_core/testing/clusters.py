@@ -38,7 +38,7 @@ SLOTS = 16384
 
 def key_slot(key: str | bytes) -> int:
     """The cluster hash slot of ``key`` (CRC16 mod 16384, hash tags honoured)."""
-    from ..pubsub._redis_slots import key_slot as _key_slot
+    from ..pubsub._redis.slots import key_slot as _key_slot
 
     return _key_slot(key.encode() if isinstance(key, str) else key)
 

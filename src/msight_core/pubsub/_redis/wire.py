@@ -1,4 +1,4 @@
-"""Raw RESP connections for the Redis backend (not public API).
+"""Raw RESP connections for the Redis backend: endpoints, set-up, bulk reading.
 
 The pub/sub hot path talks RESP directly over a socket and parses replies in bulk
 with hiredis: redis-py's PubSub reads one reply per call and falls behind near
@@ -15,15 +15,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import RedisConfig, Secret
-from ..errors import AuthenticationError, BrokerUnavailableError, MissingDependencyError
+from ...config import RedisConfig, Secret
+from ...errors import AuthenticationError, BrokerUnavailableError, MissingDependencyError
 
 try:
     import hiredis
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError("hiredis", "redis") from exc
 
-__all__ = ["Endpoint", "connect", "endpoint_from_client", "endpoint_from_config", "pack_command"]
+__all__ = [
+    "Endpoint",
+    "ReplyStream",
+    "cluster_endpoints",
+    "connect",
+    "endpoint_from_client",
+    "endpoint_from_config",
+    "endpoint_from_kwargs",
+    "is_cluster_client",
+    "pack_command",
+    "send_buffers",
+]
 
 
 @dataclass(frozen=True)
@@ -61,31 +72,58 @@ def endpoint_from_config(config: RedisConfig) -> Endpoint:
     )
 
 
-def endpoint_from_client(client: Any) -> Endpoint:
-    """Read host, port, credentials and TLS settings off a redis-py ``Redis`` client."""
-    try:
-        kwargs = dict(client.connection_pool.connection_kwargs)
-        connection_class = client.connection_pool.connection_class
-    except AttributeError:
+def is_cluster_client(client: Any) -> bool:
+    """True for a ``redis.RedisCluster`` (it lists its nodes), False for ``redis.Redis``."""
+    return callable(getattr(client, "get_nodes", None))
+
+
+def client_settings(client: Any) -> dict[str, Any]:
+    """The connection keywords of a redis-py client, through its public API.
+
+    Raises:
+        TypeError: ``client`` is not a redis-py client.
+    """
+    get = getattr(client, "get_connection_kwargs", None)
+    if not callable(get):
         raise TypeError(
-            "RedisPubSub expects a redis.Redis client (e.g. get_redis_client()) "
-            f"or a RedisConfig, got {type(client).__name__}"
-        ) from None
-    return endpoint_from_kwargs(kwargs, connection_class)
+            "RedisPubSub expects a redis.Redis or redis.RedisCluster client "
+            f"(e.g. get_redis_client()) or a RedisConfig, got {type(client).__name__}"
+        )
+    return dict(get())
 
 
-def endpoint_from_kwargs(kwargs: dict[str, Any], connection_class: Any = None) -> Endpoint:
+def endpoint_from_client(client: Any) -> Endpoint:
+    """Host, port, credentials and TLS settings of a ``redis.Redis`` client."""
+    return endpoint_from_kwargs(client_settings(client))
+
+
+def cluster_endpoints(client: Any) -> list[Endpoint]:
+    """Every node a ``redis.RedisCluster`` knows, with its credentials and TLS settings."""
+    kwargs = client_settings(client)
+    out: list[Endpoint] = []
+    for node in client.get_nodes():
+        endpoint = endpoint_from_kwargs({**kwargs, "host": node.host, "port": node.port})
+        if endpoint not in out:
+            out.append(endpoint)
+    return out
+
+
+def endpoint_from_kwargs(kwargs: dict[str, Any]) -> Endpoint:
     """An :class:`Endpoint` from redis-py connection keyword arguments.
 
-    Shared by plain clients and ``redis.RedisCluster`` (whose node manager keeps
-    the same keywords for every node).
+    Shared by plain clients and ``redis.RedisCluster`` (which keeps the same
+    keywords for every node). redis-py passes ``ssl_*`` keywords only to TLS
+    connections; a cluster also names its ``connection_class``.
     """
-    if connection_class is None:
-        connection_class = kwargs.get("connection_class")
     if "path" in kwargs:
         raise TypeError("unix-socket Redis clients are not supported; use host and port")
     password = kwargs.get("password")
-    use_tls = "SSL" in getattr(connection_class, "__name__", "") or bool(kwargs.get("ssl"))
+    connection_class = kwargs.get("connection_class")
+    use_tls = (
+        "SSL" in getattr(connection_class, "__name__", "")
+        or bool(kwargs.get("ssl"))
+        or any(key.startswith("ssl_") for key in kwargs)
+    )
     cert_reqs = kwargs.get("ssl_cert_reqs", "required")
     return Endpoint(
         host=kwargs.get("host") or "localhost",

@@ -1,25 +1,64 @@
-"""The bounded outgoing buffer shared by the Redis publishers (not public API).
+"""The bounded outgoing buffer shared by the Redis publishers, and their tuning.
 
 Both the single-server and the cluster publisher accept messages into a buffer
-that one writer thread drains. This class holds what they share: the bound
+that one writer thread drains. :class:`Outbox` holds what they share: the bound
 (``PublishConfig.buffer_bytes``, waited on for at most ``PublishConfig.timeout``),
-``flush()``, a ``close()`` that is bounded even when Redis is gone, and the
-counters. A subclass supplies ``_run`` (the writer), ``_interrupt`` (unblock it
-when closing times out) and ``where`` (for messages).
+``flush()``, a ``close()`` that is bounded even when Redis is gone, the
+counters, and the flush at interpreter exit. A subclass supplies ``_run`` (the
+writer), ``_interrupt`` (unblock it when closing times out) and ``where``.
+
+The tuning constants of every Redis reader and writer live here, once.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
-from ..errors import BackpressureError, MsightError
+from ...errors import BackpressureError, MsightError
 
-__all__ = ["Outbox"]
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MIN",
+    "CLOSE_TIMEOUT",
+    "CLUSTER_RETRY_MAX",
+    "RECV_CHUNK",
+    "REPLY_HIGH_WATER",
+    "Outbox",
+]
 
 logger = logging.getLogger("msight_core.pubsub.redis")
+
+#: A writer reads the replies to what it sent once this many are outstanding
+#: (and whenever its buffer runs empty), so replies never pile up on the server.
+REPLY_HIGH_WATER = 8192
+#: Bytes a writer asks for per ``recv`` when it reads replies.
+RECV_CHUNK = 256 * 1024
+#: Reconnect back-off: starts here and doubles per failed attempt ...
+BACKOFF_MIN = 0.05
+#: ... up to this with one server (nothing else to try) ...
+BACKOFF_MAX = 1.0
+#: ... or this in a cluster, where a replica takes over within the cluster's
+#: node timeout and the new owner should be found quickly.
+CLUSTER_RETRY_MAX = 0.25
+#: How long ``close()`` waits for a reader thread to stop.
+CLOSE_TIMEOUT = 5.0
+
+_live: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    # A script that publishes and exits must not lose what publish() accepted.
+    for outbox in list(_live):
+        try:
+            outbox.close(CLOSE_TIMEOUT)
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            logger.debug("flush at exit failed", exc_info=True)
 
 
 class Outbox:
@@ -47,6 +86,7 @@ class Outbox:
         self.failed = 0
         self.possibly_lost = 0
         self.reconnects = 0
+        _live.add(self)
 
     # -- caller side (hold self._cond where noted) ------------------------------------
 
@@ -106,6 +146,7 @@ class Outbox:
 
     def close(self, timeout: float) -> None:
         """Deliver what is buffered (up to ``timeout`` seconds), then stop the writer."""
+        _live.discard(self)
         with self._cond:
             if self._closing:
                 return
@@ -127,6 +168,15 @@ class Outbox:
                     self._pending_msgs,
                     self.where,
                 )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``RedisPubSub.stats()``."""
+        return {
+            "published": self.published,
+            "unrouted": self.unrouted,
+            "possibly_lost": self.possibly_lost,
+            "publisher_reconnects": self.reconnects,
+        }
 
     # -- what a publisher supplies ------------------------------------------------------
 

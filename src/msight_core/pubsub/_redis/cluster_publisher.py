@@ -1,4 +1,4 @@
-"""The publishing half of the Redis Cluster backend (not public API).
+"""Redis Cluster, publishing side: sharded pub/sub (``SPUBLISH``).
 
 ``publish()`` appends to one outgoing buffer; a writer thread takes whatever has
 accumulated, groups it by the master owning each channel's slot, writes one
@@ -13,25 +13,23 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
+from typing import Any
 
-from ..errors import (
+from ...errors import (
     AuthenticationError,
     BrokerUnavailableError,
     ConfigError,
     MsightError,
     ShardedPubSubUnsupportedError,
 )
-from ._redis_conn import Endpoint, connect, hiredis, send_buffers
-from ._redis_outbox import Outbox
-from ._redis_slots import SlotMap
+from .outbox import BACKOFF_MIN, CLUSTER_RETRY_MAX, RECV_CHUNK, REPLY_HIGH_WATER, Outbox
+from .slots import SlotMap
+from .wire import Endpoint, connect, hiredis, send_buffers
 
-__all__ = ["ClusterPublisher"]
+__all__ = ["Publisher"]
 
 logger = logging.getLogger("msight_core.pubsub.redis")
 
-_REPLY_HIGH_WATER = 8192
-_RECV_CHUNK = 256 * 1024
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 0.25
 _RETRYABLE = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN")
 _FATAL = (AuthenticationError, ShardedPubSubUnsupportedError, ConfigError)
 
@@ -49,7 +47,7 @@ class _Node:
         self.inflight: deque[_Entry] = deque()
 
 
-class ClusterPublisher(Outbox):
+class Publisher(Outbox):
     """Outgoing buffer plus the writer thread that owns one socket per master."""
 
     where = "the Redis Cluster"
@@ -59,17 +57,27 @@ class ClusterPublisher(Outbox):
         super().__init__(buffer_bytes, timeout)
         self.slots = slots
         self._nodes: dict[Endpoint, _Node] = {}
+        self._prefixes: dict[str, bytes] = {}
+        self._checked = False
         self.redirected = 0
 
     # -- caller side ----------------------------------------------------------------
 
-    def publish(self, name: str, prefix: bytes, data: bytes) -> None:
+    def publish(self, name: str, data: bytes) -> None:
         """Queue one message; blocks only while the outage buffer is full.
 
         Raises:
             BackpressureError: no room in the buffer within the publish timeout.
             AuthenticationError, ShardedPubSubUnsupportedError: publishing stopped.
+            ConfigError: the server is not in cluster mode (first publish).
         """
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            self.check_server()
+            raw = name.encode()
+            prefix = b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%s\r\n" % (len(raw), raw)
+            if len(self._prefixes) < 10_000:
+                self._prefixes[name] = prefix
         size = len(data)
         with self._cond:
             self._admit(size)
@@ -77,6 +85,28 @@ class ClusterPublisher(Outbox):
             self._accepted(size)
             if len(self._pending) == 1:
                 self._cond.notify_all()
+
+    def check_server(self) -> None:
+        """One round trip on first use, so that a server without sharded pub/sub,
+        or not in cluster mode, is reported to the caller rather than to a log line.
+
+        Raises:
+            AuthenticationError, ShardedPubSubUnsupportedError, ConfigError.
+        """
+        if self._checked:
+            return
+        try:
+            self.slots.refresh(force=True)
+        except _FATAL:
+            raise
+        except BrokerUnavailableError as exc:  # buffer and retry, like one node
+            logger.warning("%s; publishing will retry", exc)
+        self._checked = True
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out.update(redirected=self.redirected, slot_map_refreshes=self.slots.refreshes)
+        return out
 
     def _interrupt(self) -> None:
         for node in list(self._nodes.values()):
@@ -88,7 +118,7 @@ class ClusterPublisher(Outbox):
     # -- writer thread --------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = _BACKOFF_MIN
+        backoff = BACKOFF_MIN
         try:
             while True:
                 with self._cond:
@@ -110,9 +140,9 @@ class ClusterPublisher(Outbox):
                         if self._abort:
                             return
                         self._cond.wait(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                    backoff = min(backoff * 2, CLUSTER_RETRY_MAX)
                 else:
-                    backoff = _BACKOFF_MIN
+                    backoff = BACKOFF_MIN
         finally:
             for node in list(self._nodes.values()):
                 node.sock.close()
@@ -164,7 +194,7 @@ class ClusterPublisher(Outbox):
             more = bool(self._pending)
         retry: list[_Entry] = []
         stalled = False
-        if self._unreplied >= _REPLY_HIGH_WATER or not more or held:
+        if self._unreplied >= REPLY_HIGH_WATER or not more or held:
             for node in list(self._nodes.values()):
                 if node.inflight:
                     stalled |= self._read_replies(node, retry)
@@ -204,7 +234,7 @@ class ClusterPublisher(Outbox):
             while inflight:
                 reply = reader.gets()
                 if reply is False:
-                    data = node.sock.recv(_RECV_CHUNK)
+                    data = node.sock.recv(RECV_CHUNK)
                     if not data:
                         raise ConnectionResetError(f"{node.endpoint.address} closed the connection")
                     reader.feed(data)

@@ -1,4 +1,4 @@
-"""Redis Cluster hash slots and the slot-to-node map (not public API).
+"""Redis Cluster hash slots and the slot-to-node map.
 
 A channel's slot is ``CRC16(name) mod 16384`` (CRC16-XMODEM, as in the cluster
 spec), computed on the part between the first ``{`` and the next ``}`` when that
@@ -17,14 +17,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import (
+from ...config import parse_redis_node
+from ...errors import (
     AuthenticationError,
     BrokerUnavailableError,
     ConfigError,
     MsightError,
     ShardedPubSubUnsupportedError,
 )
-from ._redis_conn import Endpoint, connect, hiredis, pack_command
+from .wire import Endpoint, connect, hiredis, pack_command
 
 __all__ = ["SLOTS", "SlotMap", "crc16", "key_slot"]
 
@@ -66,29 +67,6 @@ def key_slot(key: bytes) -> int:
     return crc16(key) % SLOTS
 
 
-def parse_node(entry: str, default_port: int = 6379) -> tuple[str, int]:
-    """``"host:port"``, ``"redis://host:port"`` or ``"[::1]:port"`` -> ``(host, port)``.
-
-    Raises:
-        ConfigError: the port is not a number.
-    """
-    text = entry.strip()
-    if "://" in text:
-        text = text.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ConfigError(f"Redis cluster node {entry!r} is not host:port") from None
-    return host or "localhost", port
-
-
 def read_replies(sock: socket.socket, count: int) -> list[Any]:
     """Read exactly ``count`` replies from ``sock`` (set-up and refresh only)."""
     reader = hiredis.Reader()
@@ -128,6 +106,11 @@ class SlotMap:
 
     # -- lookups (any thread) -----------------------------------------------------
 
+    @property
+    def nodes(self) -> tuple[Endpoint, ...]:
+        """The nodes known so far, those that answered last time first."""
+        return tuple(self._known)
+
     def slot(self, name: str) -> int:
         slot = self._slots.get(name)
         if slot is None:
@@ -146,7 +129,7 @@ class SlotMap:
     def moved(self, slot: int, address: bytes | str) -> Endpoint:
         """Record a ``MOVED slot host:port`` redirection and return the new owner."""
         text = address.decode() if isinstance(address, bytes) else address
-        host, port = parse_node(text)
+        host, port = parse_redis_node(text)
         endpoint = self._endpoint(host or self.template.host, port)
         self._owners[slot] = endpoint
         return endpoint

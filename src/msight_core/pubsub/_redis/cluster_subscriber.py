@@ -1,31 +1,18 @@
-"""Redis Cluster backend: sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``).
+"""Redis Cluster, subscribing side: sharded pub/sub (``SSUBSCRIBE``).
 
-Selected by ``RedisPubSub`` when ``MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER`` is
-true or when it is handed a ``redis.RedisCluster`` client. Plain ``PUBLISH`` in
-a cluster is broadcast to every node over the cluster bus, so each frame would
-cross every link; sharded pub/sub keeps a channel's traffic on the shard that
-owns its hash slot. Needs Redis 7+ or Valkey 7+; older servers are refused with
-:class:`~msight_core.errors.ShardedPubSubUnsupportedError` on first use.
+Plain ``PUBLISH`` in a cluster is broadcast to every node over the cluster bus,
+so each frame would cross every link; sharded pub/sub keeps a channel's traffic
+on the shard that owns its hash slot. Needs Redis 7+ or Valkey 7+.
 
-The design is the single-node backend's, spread over several nodes:
-
-* one writer thread batches ``publish()`` calls, groups each batch by the
-  master that owns the channel's slot, sends one write per node and reads the
-  replies in bulk. A ``MOVED`` reply updates the slot map and the message is
-  sent again to the new owner; ``CLUSTERDOWN``/``TRYAGAIN`` are retried after a
-  short back-off. While a master is unreachable its messages stay buffered
-  (bounded by ``PublishConfig.buffer_bytes``) and the slot map is reloaded until
-  a replica has taken over;
-* one reader thread polls one connection per master that owns a subscribed
-  channel. When that connection drops, or the server says ``sunsubscribe``
-  because the slot moved, the reader reloads the slot map and subscribes again
-  on the new owner by itself. Messages published in between are lost, as with
-  any Redis pub/sub outage; the pause is logged and counted in ``stats()``.
+One reader thread polls one connection per master that owns a subscribed
+channel. When that connection drops, or the server says ``sunsubscribe``
+because the slot moved, the reader reloads the slot map and subscribes again on
+the new owner by itself. Messages published in between are lost, as with any
+Redis pub/sub outage; the pause is logged and counted in ``stats()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import select
 import socket
@@ -33,69 +20,23 @@ import threading
 import time
 from typing import Any
 
-from ..config import RedisConfig, load_redis_config
-from ..errors import (
+from ...errors import (
     AuthenticationError,
     BrokerUnavailableError,
     ConfigError,
     MsightError,
     ShardedPubSubUnsupportedError,
 )
-from ._core import Delivery, QueueBackend, ReceiveQueue
-from ._redis_cluster_pub import ClusterPublisher
-from ._redis_conn import (
-    Endpoint,
-    ReplyStream,
-    connect,
-    endpoint_from_config,
-    endpoint_from_kwargs,
-    hiredis,
-)
-from ._redis_conn import pack_command as _pack
-from ._redis_slots import SlotMap, parse_node
-from .redis import RedisPubSub
+from .._core import Delivery, ReceiveQueue
+from .outbox import BACKOFF_MIN, CLOSE_TIMEOUT, CLUSTER_RETRY_MAX
+from .slots import SlotMap
+from .wire import Endpoint, ReplyStream, connect, hiredis, pack_command
 
-__all__ = ["RedisClusterPubSub", "ShardedPubSubUnsupportedError", "cluster_seeds", "is_cluster"]
+__all__ = ["Subscriber"]
 
 logger = logging.getLogger("msight_core.pubsub.redis")
 
-_RETRY_MIN, _RETRY_MAX = 0.05, 0.25
-_CLOSE_TIMEOUT = 5.0
 _FATAL = (AuthenticationError, ShardedPubSubUnsupportedError, ConfigError)
-
-
-def is_cluster(client: Any, config: RedisConfig | None) -> bool:
-    """True when ``RedisPubSub(client, config)`` should run in cluster mode."""
-    if isinstance(client, RedisConfig):
-        return client.use_cluster
-    if client is None:
-        return (config or load_redis_config()).use_cluster
-    return getattr(client, "nodes_manager", None) is not None
-
-
-def cluster_seeds(client: Any, config: RedisConfig) -> list[Endpoint]:
-    """The nodes to ask for the slot map first, with credentials and TLS settings.
-
-    Raises:
-        ConfigError: a node entry is malformed.
-    """
-    manager = getattr(client, "nodes_manager", None)
-    if manager is not None:  # a redis.RedisCluster: reuse its nodes and credentials
-        kwargs = dict(manager.connection_kwargs)
-        nodes = list(manager.startup_nodes.values()) + list(manager.nodes_cache.values())
-        out: list[Endpoint] = []
-        for node in nodes:
-            endpoint = endpoint_from_kwargs({**kwargs, "host": node.host, "port": node.port})
-            if endpoint not in out:
-                out.append(endpoint)
-        return out
-    base = endpoint_from_config(config)
-    entries = config.cluster_nodes or (f"{config.host}:{config.port}",)
-    seeds = []
-    for entry in entries:
-        host, port = parse_node(entry)
-        seeds.append(dataclasses.replace(base, host=host, port=port))
-    return seeds
 
 
 class _SubConn:
@@ -109,7 +50,7 @@ class _SubConn:
         self.is_tls = hasattr(sock, "pending")
 
 
-class _ClusterSubscriber:
+class Subscriber:
     """Connections to the masters owning subscribed channels, drained by one thread."""
 
     def __init__(self, slots: SlotMap, queue: ReceiveQueue, timeout: float) -> None:
@@ -123,7 +64,7 @@ class _ClusterSubscriber:
         self._fatal: MsightError | None = None
         self._need_refresh = False
         self._retry_at = 0.0
-        self._retry_wait = _RETRY_MIN
+        self._retry_wait = BACKOFF_MIN
         self._lost_at: float | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -165,7 +106,7 @@ class _ClusterSubscriber:
         self._closed = True
         self._wake()
         if self._thread is not None:
-            self._thread.join(_CLOSE_TIMEOUT)
+            self._thread.join(CLOSE_TIMEOUT)
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._wake_r.close()
@@ -174,6 +115,15 @@ class _ClusterSubscriber:
     @property
     def connections(self) -> list[str]:
         return [c.endpoint.address for c in list(self._conns.values())]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``RedisPubSub.stats()``."""
+        return {
+            "subscriber_reconnects": self.reconnects,
+            "resubscribes": self.resubscribes,
+            "outage_seconds": round(self.outage_seconds, 3),
+            "subscribed_on": self.connections,
+        }
 
     def _wake(self) -> None:
         try:
@@ -251,7 +201,7 @@ class _ClusterSubscriber:
             try:
                 if conn is None:
                     conn = self._conns[endpoint] = _SubConn(endpoint, connect(endpoint))
-                conn.sock.sendall(b"".join(_pack(b"SSUBSCRIBE", n.encode()) for n in group))
+                conn.sock.sendall(b"".join(pack_command(b"SSUBSCRIBE", n.encode()) for n in group))
             except (OSError, BrokerUnavailableError) as exc:
                 if isinstance(exc, AuthenticationError):
                     raise
@@ -266,11 +216,11 @@ class _ClusterSubscriber:
         if self._unplaced:
             self._back_off()
         else:
-            self._retry_wait = _RETRY_MIN
+            self._retry_wait = BACKOFF_MIN
 
     def _back_off(self) -> None:
         self._retry_at = time.monotonic() + self._retry_wait
-        self._retry_wait = min(self._retry_wait * 2, _RETRY_MAX)
+        self._retry_wait = min(self._retry_wait * 2, CLUSTER_RETRY_MAX)
 
     def _read(self, conn: _SubConn) -> None:
         batch: list[Delivery] = []
@@ -341,7 +291,7 @@ class _ClusterSubscriber:
             self._unplaced.update(dict.fromkeys(names))
         self._need_refresh = True
         self._retry_at = 0.0
-        self._retry_wait = _RETRY_MIN
+        self._retry_wait = BACKOFF_MIN
         if self._lost_at is None:
             self._lost_at = time.monotonic()
             self.reconnects += 1
@@ -359,99 +309,3 @@ class _ClusterSubscriber:
         self.queue.fail(exc)
         for event in list(self._wanted.values()):
             event.set()
-
-
-class RedisClusterPubSub(RedisPubSub):
-    """Redis Cluster pub/sub over sharded channels; created through ``RedisPubSub``.
-
-    Args:
-        client: a ``redis.RedisCluster`` (e.g. :func:`msight_core.utils.get_redis_client`
-            with ``use_cluster``), a :class:`~msight_core.config.RedisConfig` with
-            ``use_cluster=True``, or ``None`` for the environment.
-        config: queue and publish bounds (defaults from the environment).
-
-    No connection is made until the first ``subscribe()`` or ``publish()``.
-    """
-
-    def __init__(self, client: Any = None, config: RedisConfig | None = None) -> None:
-        if isinstance(client, RedisConfig):
-            config, client = client, None
-        config = config or load_redis_config()
-        seeds = cluster_seeds(client, config)
-        QueueBackend.__init__(self, config.queue)
-        self.config = config
-        self.endpoint = seeds[0]
-        self._slots = SlotMap(seeds)
-        self._cluster_publisher = ClusterPublisher(
-            self._slots, config.publish.buffer_bytes, config.publish.timeout
-        )
-        self._cluster_subscriber: _ClusterSubscriber | None = None
-        self._prefixes: dict[str, bytes] = {}
-        self._checked = False
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        seeds = ",".join(e.address for e in self._slots._known[:3])
-        return f"<RedisPubSub cluster {seeds} {state} topics={list(self.topics)}>"
-
-    def _check_server(self) -> None:
-        # One round trip on first use, so a server without sharded pub/sub or
-        # not in cluster mode is reported to the caller, not to a log line.
-        if not self._checked:
-            try:
-                self._slots.refresh(force=True)
-            except _FATAL:
-                raise
-            except BrokerUnavailableError as exc:  # buffer and retry, like one node
-                logger.warning("%s; publishing will retry", exc)
-            self._checked = True
-
-    def _subscribe(self, name: str) -> None:
-        if self._cluster_subscriber is None:
-            self._cluster_subscriber = _ClusterSubscriber(
-                self._slots, self._queue, max(self.endpoint.connect_timeout, 5.0)
-            )
-        self._cluster_subscriber.subscribe(name)
-        self._checked = True
-
-    def _publish(self, name: str, data: bytes) -> None:
-        prefix = self._prefixes.get(name)
-        if prefix is None:
-            self._check_server()
-            raw = name.encode()
-            prefix = self._prefixes[name] = b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%s\r\n" % (
-                len(raw),
-                raw,
-            )
-        self._cluster_publisher.publish(name, prefix, data)
-
-    def _flush(self, timeout: float | None) -> None:
-        self._cluster_publisher.flush(timeout)
-
-    def _close(self) -> None:
-        try:
-            self._cluster_publisher.close(self.config.publish.timeout)
-        finally:
-            if self._cluster_subscriber is not None:
-                self._cluster_subscriber.close()
-
-    def stats(self) -> dict[str, Any]:
-        out = QueueBackend.stats(self)
-        pub = self._cluster_publisher
-        out.update(
-            published=pub.published,
-            unrouted=pub.unrouted,
-            possibly_lost=pub.possibly_lost,
-            redirected=pub.redirected,
-            publisher_reconnects=pub.reconnects,
-            slot_map_refreshes=self._slots.refreshes,
-        )
-        sub = self._cluster_subscriber
-        if sub is not None:
-            out.update(
-                subscriber_reconnects=sub.reconnects,
-                resubscribes=sub.resubscribes,
-                outage_seconds=round(sub.outage_seconds, 3),
-                subscribed_on=sub.connections,
-            )
-        return out
