@@ -197,6 +197,45 @@ def test_recovers_after_broker_restart(unique_topic: str) -> None:
         pub.close()
 
 
+def test_outage_buffer_waits_for_the_returning_subscriber(unique_topic: str) -> None:
+    """Messages accepted while Redis is down reach the subscriber after the restart,
+    in order, even when the publisher is back before the subscriber has re-subscribed."""
+    with RedisServer() as server:
+        config = load_redis_config(server.env(), publish=PublishConfig(timeout=10))
+        sub, pub = RedisPubSub(config), RedisPubSub(config)
+        try:
+            sub.subscribe(unique_topic)
+            pub.publish(unique_topic, b"before")
+            pub.flush()
+            assert [m.data for m in collect(sub, 1, 5)] == [b"before"]
+            server.kill()
+            during = [b"during-%03d" % i for i in range(200)]
+            for payload in during:
+                pub.publish(unique_topic, payload)  # buffered: Redis is down
+            server.restart()
+            pub.flush(15)
+            got = [m.data for m in collect(sub, len(during), 10)]
+            assert got == during, (pub.stats(), sub.stats())
+            assert pub.stats()["held_for_resubscribe_s"] > 0
+        finally:
+            sub.close()
+            pub.close()
+
+
+def test_channel_without_subscribers_is_not_held_after_a_restart(unique_topic: str) -> None:
+    with RedisServer() as server:
+        config = load_redis_config(server.env(), publish=PublishConfig(timeout=10))
+        with RedisPubSub(config) as pub:
+            pub.publish(unique_topic, b"nobody listens")
+            pub.flush()
+            server.restart(kill=True)
+            started = time.monotonic()
+            pub.publish(unique_topic, b"still nobody")
+            pub.flush(10)
+            assert time.monotonic() - started < 1.5  # reconnect only, no grace period
+            assert pub.stats()["held_for_resubscribe_s"] == 0
+
+
 def test_publish_during_outage_is_bounded_then_typed_error(unique_topic: str) -> None:
     server = RedisServer()
     server.start()
@@ -257,7 +296,6 @@ def test_settings_come_from_the_clients_public_api() -> None:
     """Host, credentials and TLS of a redis-py client are read through
     ``get_connection_kwargs()`` only: no private attribute of redis-py is touched."""
     import redis
-
     from msight_core.pubsub._redis.wire import endpoint_from_client
 
     plain = endpoint_from_client(redis.Redis(host="h1", port=7001, username="u", password="pw"))

@@ -28,6 +28,7 @@ __all__ = [
     "CLUSTER_RETRY_MAX",
     "RECV_CHUNK",
     "REPLY_HIGH_WATER",
+    "RESUBSCRIBE_GRACE",
     "Outbox",
 ]
 
@@ -45,6 +46,11 @@ BACKOFF_MAX = 1.0
 #: ... or this in a cluster, where a replica takes over within the cluster's
 #: node timeout and the new owner should be found quickly.
 CLUSTER_RETRY_MAX = 0.25
+#: After a publisher reconnects, how long a channel that had subscribers before
+#: the outage waits for one of them to subscribe again before its buffered
+#: messages are sent to whoever is there: longer than a subscriber's longest
+#: reconnect back-off plus its connection set-up.
+RESUBSCRIBE_GRACE = 3.0
 #: How long ``close()`` waits for a reader thread to stop.
 CLOSE_TIMEOUT = 5.0
 
