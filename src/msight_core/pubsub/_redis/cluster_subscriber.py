@@ -29,8 +29,9 @@ from ...errors import (
 )
 from .._core import Delivery, ReceiveQueue
 from .outbox import BACKOFF_MIN, CLOSE_TIMEOUT, CLUSTER_RETRY_MAX
+from .reader import ReplyStream
 from .slots import SlotMap
-from .wire import Endpoint, ReplyStream, connect, hiredis, pack_command
+from .wire import Endpoint, connect, hiredis, pack_command
 
 __all__ = ["Subscriber"]
 

@@ -33,7 +33,8 @@ from .outbox import (
     RESUBSCRIBE_GRACE,
     Outbox,
 )
-from .wire import Endpoint, ReplyStream, connect, hiredis, pack_command, send_buffers
+from .reader import ReplyStream
+from .wire import Endpoint, connect, hiredis, pack_command, send_buffers
 
 __all__ = ["Publisher", "Subscriber"]
 

@@ -25,7 +25,6 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = [
     "Endpoint",
-    "ReplyStream",
     "cluster_endpoints",
     "connect",
     "endpoint_from_client",
@@ -236,54 +235,3 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes]) -> None:
             small, size = [], 0
     if small:
         sock.sendall(b"".join(small))
-
-
-_RECV_CHUNK = 1024 * 1024
-_BIG_RECV_CHUNK = 16 * 1024 * 1024
-_FEED_SLICE = 16 * 1024
-
-
-class ReplyStream:
-    """Replies read off one subscribing socket in bulk, parsed by hiredis.
-
-    hiredis moves its unparsed tail after every reply, so feeding it a whole
-    megabyte of small messages costs O(n^2): small slices are fed while they
-    yield replies, and the rest at once while inside one big frame, which is then
-    received in large steps so that hiredis grows its buffer rarely.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = hiredis.Reader()
-        self._small = True
-        self._view = memoryview(bytearray(_RECV_CHUNK))
-        self._big_view: memoryview | None = None
-
-    def read(self) -> list[Any]:
-        """One receive (blocking); every reply it completed, possibly none.
-
-        Raises:
-            ConnectionResetError: the server closed the connection.
-            OSError, hiredis.ProtocolError: the connection or the stream broke.
-        """
-        if self._small:
-            target = self._view
-        else:
-            if self._big_view is None:
-                self._big_view = memoryview(bytearray(_BIG_RECV_CHUNK))
-            target = self._big_view
-        n = self.sock.recv_into(target)
-        if not n:
-            raise ConnectionResetError("connection closed by Redis")
-        reader = self.reader
-        replies: list[Any] = []
-        offset = 0
-        while offset < n:
-            step = min(_FEED_SLICE if self._small else n - offset, n - offset)
-            reader.feed(target, offset, step)
-            offset += step
-            before = len(replies)
-            while (reply := reader.gets()) is not False:
-                replies.append(reply)
-            self._small = len(replies) > before
-        return replies
