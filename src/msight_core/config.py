@@ -35,11 +35,13 @@ __all__ = [
     "Secret",
     "backend_name",
     "environment",
+    "kafka_client_conf",
     "load_kafka_config",
     "load_nats_config",
     "load_publish_config",
     "load_queue_config",
     "load_redis_config",
+    "nats_connect_options",
     "parse_bool",
     "parse_redis_node",
     "parse_server_list",
@@ -572,6 +574,84 @@ def load_nats_config(
     return _replace(config, overrides)
 
 
+def nats_connect_options(config: NatsConfig) -> dict[str, Any]:
+    """Keyword arguments for nats-py's ``connect()`` (callbacks excluded).
+
+    Servers, timeouts, the reconnect policy (the first connect tries each
+    server once), authentication and a TLS context. Inline JWT credentials are
+    a :class:`collections.UserString`, which nats-py reads as the text of a
+    credentials file. Secrets are revealed into the result: hand it to a
+    client, never log it.
+
+    Raises:
+        ConfigError: TLS files cannot be loaded, or auth settings conflict.
+    """
+    from collections import UserString
+    from urllib.parse import urlsplit
+
+    options: dict[str, Any] = {
+        "servers": list(config.servers),
+        "connect_timeout": config.connect_timeout,
+        "reconnect_time_wait": config.reconnect_wait,
+        "max_reconnect_attempts": 1,
+        "allow_reconnect": True,
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
+        # msight's writer bounds what it hands to nats-py and flushes it itself:
+        # nats-py must never flush in the middle of a message.
+        "pending_size": 1 << 30,
+        "flush_timeout": max(config.publish.timeout, 1.0),
+        "drain_timeout": max(int(config.publish.timeout), 1),
+    }
+    if config.name:
+        options["name"] = config.name
+    if config.username is not None:
+        options["user"] = config.username
+        options["password"] = config.password.reveal() if config.password else ""
+    if config.token is not None:
+        options["token"] = config.token.reveal()
+    if config.user_jwt is not None:
+        if config.nkey_seed is None:
+            raise ConfigError("MSIGHT_NATS_USER_JWT needs MSIGHT_NATS_NKEY_SEED to sign with")
+        options["user_credentials"] = UserString(
+            "-----BEGIN NATS USER JWT-----\n"
+            f"{config.user_jwt.reveal()}\n"
+            "------END NATS USER JWT------\n\n"
+            "-----BEGIN USER NKEY SEED-----\n"
+            f"{config.nkey_seed.reveal()}\n"
+            "------END USER NKEY SEED------\n"
+        )
+    elif config.user_credentials is not None:
+        options["user_credentials"] = config.user_credentials
+    elif config.nkey_seed is not None:
+        options["nkeys_seed_str"] = config.nkey_seed.reveal()
+    tls_wanted = config.use_tls or any(s.startswith("tls://") for s in config.servers)
+    if tls_wanted or config.tls_ca_cert_file or config.tls_cert_file:
+        options["tls"] = _nats_tls_context(config)
+        host = urlsplit(config.servers[0] if "://" in config.servers[0] else "").hostname
+        if host:
+            options["tls_hostname"] = host
+    return options
+
+
+def _nats_tls_context(config: NatsConfig) -> Any:
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=config.tls_ca_cert_file)
+        if config.tls_cert_file:
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the NATS TLS files (MSIGHT_NATS_TLS_*): {type(exc).__name__}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def load_kafka_config(
     group_id: str | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> KafkaConfig:
@@ -606,3 +686,35 @@ def load_kafka_config(
         publish=load_publish_config(env),
     )
     return _replace(config, overrides)
+
+
+def kafka_client_conf(config: KafkaConfig) -> dict[str, Any]:
+    """librdkafka properties every Kafka client of ``config`` shares.
+
+    Servers, connection timeouts, security (SASL/TLS) and the ``client``
+    pass-through, which overrides the rest. Plain values only: a caller adds
+    the callbacks and the ``logger`` it needs, then its role's properties.
+    Secrets are revealed into the result: hand it to a client, never log it.
+    """
+    conf: dict[str, Any] = {
+        "bootstrap.servers": ",".join(config.servers),
+        "socket.connection.setup.timeout.ms": max(1000, int(config.connect_timeout * 1000)),
+        # Back at most 1 s after a broker returns (librdkafka default: up to 10 s).
+        "reconnect.backoff.max.ms": 1000,
+        # Topics are created by msight with the configured partitions and
+        # max.message.bytes, never by the broker's defaults behind our back.
+        "allow.auto.create.topics": False,
+    }
+    if config.sasl_mechanism:
+        conf["security.protocol"] = "SASL_SSL" if config.use_tls else "SASL_PLAINTEXT"
+        conf["sasl.mechanism"] = config.sasl_mechanism
+        if config.sasl_username is not None:
+            conf["sasl.username"] = config.sasl_username
+        if config.sasl_password is not None:
+            conf["sasl.password"] = config.sasl_password.reveal()
+    elif config.use_tls:
+        conf["security.protocol"] = "SSL"
+    if config.tls_ca_cert_file:
+        conf["ssl.ca.location"] = config.tls_ca_cert_file
+    conf.update((k, v.reveal() if isinstance(v, Secret) else v) for k, v in config.client.items())
+    return conf

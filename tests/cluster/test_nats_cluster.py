@@ -29,7 +29,7 @@ def _backend(cluster: NatsCluster, order: list[int], group: str | None = None) -
 
 def _server_of(cluster: NatsCluster, backend: NATSPubSub) -> int:
     """Index of the server ``backend`` is connected to right now."""
-    port = backend._nc.connected_url.port  # type: ignore[attr-defined]
+    port = backend._conn.client.connected_url.port
     return [s.port for s in cluster.servers].index(port)
 
 

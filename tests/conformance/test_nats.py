@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from msight_core.pubsub import NATSPubSub
+from msight_core.pubsub.base import Capabilities
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.conformance import PubSubConformance
 
@@ -30,3 +31,7 @@ class TestNatsJetStreamConformance(PubSubConformance):
             return NATSPubSub(get_nats_config(group_id, env=env))
 
         return make
+
+    def test_jetstream_mode_is_persistent(self, caps: Capabilities) -> None:
+        # JetStream mode is a configuration of NATSPubSub: the instance says so.
+        assert caps.persistent

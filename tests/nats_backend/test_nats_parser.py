@@ -1,4 +1,4 @@
-"""The NATS backend's protocol parser (``_nats_parser``) on real nats-server connections.
+"""The NATS backend's protocol parser (``_nats.parser``) on real nats-server connections.
 
 The end-to-end tests send through a plain nats-py client and read through
 ``NATSPubSub``, whose subscriptions use the parser's direct route. The split
@@ -17,7 +17,8 @@ import nats
 import pytest
 
 from msight_core.pubsub import NATSPubSub
-from msight_core.pubsub._nats_parser import FastParser, install
+from msight_core.pubsub._nats import internals
+from msight_core.pubsub._nats.parser import FastParser
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 from msight_core.testing.conformance import collect
@@ -106,15 +107,16 @@ class _Recorder:
 
         self.sub = await self.nc.subscribe("parse.test.>", cb=on_msg)
         self.other = await self.nc.subscribe("parse.other", cb=on_msg)
-        self.parser = FastParser(self.nc)
+        hooks = internals.client_hooks(self.nc)
+        assert hooks is not None
+        self.parser = FastParser(hooks)
 
         def direct(subject: str, data: bytes, reply: bytes) -> None:
             self.events.append(("direct", subject, data))
             self.replies.append(reply)
 
         self.replies: list[bytes] = []
-        route = self.parser.route(self.sub, direct, marker=b"Mark:")
-        assert route is not None
+        self.parser.route(self.sub._id, direct, marker=b"Mark:")
 
     async def settle(self) -> None:
         for _ in range(20):  # let nats-py's subscription tasks run their callbacks
@@ -265,23 +267,29 @@ def test_malformed_message_line_is_a_protocol_error(nats_server: NatsServer) -> 
 
 def test_install_only_replaces_the_stock_parser() -> None:
     client = nats.aio.client.Client()
-    parser = install(client)
+    parser = internals.install_parser(client, FastParser)
     assert isinstance(parser, FastParser) and client._ps is parser
-    assert install(client) is None  # not nats-py's own parser any more: left alone
+    # Not nats-py's own parser any more: left alone.
+    assert internals.install_parser(client, FastParser) is None
+
+
+def test_forced_public_path_installs_no_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(internals, "FORCE_PUBLIC", True)
+    client = nats.aio.client.Client()
+    assert internals.install_parser(client, FastParser) is None
+    assert type(client._ps) is not FastParser
 
 
 def test_without_the_fast_parser_the_backend_still_works(
     nats_server: NatsServer, unique_topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What runs when nats-py's internals differ from what the parser expects."""
-    import msight_core.pubsub.nats as nats_backend
-
-    monkeypatch.setattr(nats_backend, "install_parser", lambda nc: None)
+    monkeypatch.setattr(internals, "install_parser", lambda nc, make: None)
     sub = NATSPubSub(get_nats_config(env=nats_server.env()))
     pub = NATSPubSub(get_nats_config(env=nats_server.env()))
     try:
         sub.subscribe(unique_topic)
-        assert type(sub._nc._ps) is not FastParser
+        assert type(sub._conn.client._ps) is not FastParser
         sent = [b"%d" % i for i in range(1000)] + [bytes(3 * 1024 * 1024)]
         for payload in sent:
             pub.publish(unique_topic, payload)

@@ -11,12 +11,18 @@ let them carry 16 MB messages; nothing else is tuned.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import load_kafka_config, load_nats_config
+from ..config import (
+    kafka_client_conf,
+    load_kafka_config,
+    load_nats_config,
+    nats_connect_options,
+)
 from ..errors import BrokerUnavailableError, MissingDependencyError, MsightError
 from ..pubsub import get_pubsub
 
@@ -149,8 +155,6 @@ class RawNatsClient(BenchClient):
     def open(self, topic: str, on_message: OnMessage) -> None:
         try:
             import nats
-
-            from ..pubsub._nats_conn import client_options
         except ImportError:
             raise MissingDependencyError("nats-py", "nats") from None
         config = load_nats_config(env=self.env)
@@ -160,7 +164,7 @@ class RawNatsClient(BenchClient):
         self.errors: list[BaseException] = []
 
         async def connect() -> Any:
-            nc = await nats.connect(**client_options(config))
+            nc = await nats.connect(**nats_connect_options(config))
 
             async def cb(msg: Any) -> None:
                 on_message(msg.data)
@@ -213,14 +217,13 @@ class RawKafkaClient(BenchClient):
         try:
             from confluent_kafka import Consumer, KafkaException, Producer
             from confluent_kafka.admin import AdminClient, NewTopic
-
-            from ..pubsub._kafka_conf import admin_conf
         except ImportError:
             raise MissingDependencyError("confluent-kafka", "kafka") from None
         config = load_kafka_config(env=self.env)
         self.KafkaException = KafkaException
         limit = config.max_message_bytes
-        base = admin_conf(config)
+        # A logger keeps librdkafka's own lines off stderr (served by poll()).
+        base = {**kafka_client_conf(config), "logger": logging.getLogger(__name__)}
         self.topic = topic
         admin = AdminClient(base)
         futures = admin.create_topics(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import time
 import uuid
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 from ..config import (
     Secret,
     backend_name,
+    kafka_client_conf,
     load_kafka_config,
     load_nats_config,
     load_queue_config,
@@ -244,15 +246,14 @@ def _kafka_limits(config: Any, env: Mapping[str, str], timeout: float) -> list[s
     try:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient, ConfigResource
-
-        from ..pubsub._kafka_conf import admin_conf
     except ImportError:
         return ["not available: pip install 'msight-core[kafka]'"]
     created = fmt_bytes(config.max_message_bytes)
     lines = [
         f"max.message.bytes of topics msight creates: {created} (MSIGHT_KAFKA_MAX_MESSAGE_BYTES)"
     ]
-    admin = AdminClient(admin_conf(config))
+    # A logger keeps librdkafka's own lines off stderr (it is never polled here).
+    admin = AdminClient({**kafka_client_conf(config), "logger": logging.getLogger(__name__)})
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:

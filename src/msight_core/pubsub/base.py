@@ -2,13 +2,31 @@
 
 :class:`PubSubBackend` is the seed's contract: ``subscribe(topic)``,
 ``publish(topic, serialized_data)`` and ``listen()``, identical in behaviour on
-every backend. It also carries what the seed leaves to implementations and
-applications need: ``close()``, context-manager support, ``flush()`` and a
-:class:`Capabilities` description used by the conformance suite.
+every backend (Redis, NATS, Kafka and the in-process one), so an application
+switches brokers with ``MSIGHT_PUBSUB_BACKEND`` and no code change. It also
+carries what the seed leaves to implementations and applications need:
+``close()``, context-manager support, ``flush()`` and a :class:`Capabilities`
+description used by the conformance suite.
+
+Payloads are bytes in, bytes out: serialize a :class:`~msight_core.data.Data`
+value first (``data.serialize()``), and decode what ``listen()`` yields with
+``Data.deserialize(payload)``.
 
 A custom backend written as in the seed's example (subclass, implement the three
 abstract methods, no ``super().__init__()`` call) keeps working: nothing here
-depends on state set up by a constructor.
+depends on state set up by a constructor. The shared conformance suite,
+:class:`~msight_core.testing.conformance.PubSubConformance`, says when such a
+backend behaves like the others.
+
+Example:
+    The same code on every backend::
+
+        from msight_core.pubsub import get_pubsub
+
+        with get_pubsub() as pubsub:          # MSIGHT_PUBSUB_BACKEND, default redis
+            pubsub.subscribe("camera1.frames")
+            for payload in pubsub.listen():   # bytes, until close()
+                print(len(payload))
 """
 
 from __future__ import annotations
@@ -17,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -57,22 +75,45 @@ class Message(NamedTuple):
 class PubSubBackend(ABC):
     """Abstract base class for pub/sub messaging backends.
 
-    Thread safety: ``publish()`` may be called from several threads at once on
-    all msight backends; ``listen()`` is consumed by one thread at a time;
-    ``close()`` may be called from any thread and wakes a blocked ``listen()``.
+    Subclasses implement :meth:`subscribe`, :meth:`publish` and :meth:`listen`;
+    :meth:`flush` and :meth:`close` have do-nothing defaults for backends
+    that hold nothing. The msight backends connect lazily, on the first
+    ``subscribe()`` or ``publish()``. Using a backend as a context manager
+    calls :meth:`close` on exit.
+
+    Thread safety: ``publish()`` and ``subscribe()`` may be called from several
+    threads at once on all msight backends; ``listen()`` is consumed by one
+    thread at a time; ``close()`` may be called from any thread and wakes a
+    blocked ``listen()``.
+
+    After ``close()``: ``publish()``, ``subscribe()`` and ``listen()`` raise
+    :class:`~msight_core.errors.ClosedError`; ``flush()`` and ``close()``
+    return at once.
+
+    The msight backends (all built on one shared template) also offer
+    ``receive(timeout)``, which returns the next :class:`Message` or ``None``
+    after ``timeout`` seconds, ``topics`` (the names subscribed, in order) and
+    ``stats()`` (delivered, queued and dropped counts).
+
+    Attributes:
+        capabilities: what this backend guarantees (:class:`Capabilities`),
+            declared on the class, or on the instance when it depends on the
+            configuration (NATS in JetStream mode is persistent).
     """
 
-    #: What this backend guarantees. Subclasses override.
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: What this backend guarantees. Subclasses override it on the class, or on the
+    #: instance when it depends on the configuration (NATS JetStream mode).
+    capabilities: Capabilities = Capabilities()
 
     @abstractmethod
     def subscribe(self, topic: Any) -> None:
         """Subscribe to a topic for receiving messages.
 
         Blocks until the broker confirms the subscription (where it does), so a
-        message published after ``subscribe()`` returns is delivered. Several
-        topics may be subscribed on one instance; subscribing twice to the same
-        topic is a no-op.
+        message published after ``subscribe()`` returns is delivered; on Redis
+        and core NATS nothing published before is. Several topics may be
+        subscribed on one instance; subscribing twice to the same topic is a
+        no-op. Thread-safe.
 
         Args:
             topic: a :class:`~msight_core.topics.Topic` (anything with ``.name``)
@@ -90,7 +131,9 @@ class PubSubBackend(ABC):
 
         Does not wait for a broker round trip: the message is queued and sent in
         order with others. Use :meth:`flush` to wait until everything accepted
-        so far has reached the broker. Thread-safe.
+        so far has reached the broker. Blocks only while the backend's outage
+        buffer is full (the broker is away), for up to the publish timeout
+        (``MSIGHT_PUBLISH_TIMEOUT``). Thread-safe.
 
         Args:
             topic: a :class:`~msight_core.topics.Topic` or a ``str`` name.
@@ -110,10 +153,15 @@ class PubSubBackend(ABC):
     def listen(self) -> Iterator[bytes]:
         """Return an iterator over the payloads of subscribed topics.
 
-        Blocks while no message is waiting. Ends when :meth:`close` is called
-        (from any thread). On backends with acknowledgements a message counts as
-        processed, and is acknowledged, when the application asks for the next
-        one or closes the backend.
+        The checks run when ``listen()`` is called, not at the first ``next()``.
+        Iterating blocks while no message is waiting and ends when :meth:`close`
+        is called (from any thread). Each payload is ``bytes``, exactly as
+        published. One thread consumes it at a time. On backends with
+        acknowledgements a message counts as processed, and is acknowledged,
+        when the application asks for the next one or closes the backend.
+
+        Yields:
+            The payload of each message, in arrival order.
 
         Raises:
             RuntimeError: at once, if nothing was subscribed.
@@ -122,6 +170,10 @@ class PubSubBackend(ABC):
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every accepted message has reached the broker.
+
+        Blocks for at most ``timeout`` seconds. Thread-safe. Returns at once
+        after ``close()``, and in this default implementation, for backends
+        that buffer nothing.
 
         Args:
             timeout: seconds to wait at most; ``None`` uses the backend's
@@ -135,8 +187,16 @@ class PubSubBackend(ABC):
     def close(self) -> None:
         """Flush pending publishes, release connections and stop ``listen()``.
 
-        Idempotent and bounded in time even when the broker is gone. After it,
-        ``publish()`` and ``subscribe()`` raise :class:`ClosedError`.
+        Blocks while pending publishes are flushed, bounded in time (the publish
+        timeout) even when the broker is gone; what could not be sent then is
+        logged. Idempotent, and safe to call from any thread: a ``listen()``
+        blocked in another thread ends. After it, ``publish()``,
+        ``subscribe()`` and ``listen()`` raise
+        :class:`~msight_core.errors.ClosedError`.
+
+        Raises:
+            PublishError: on backends that confirm deliveries (Kafka), accepted
+                messages were not delivered; the backend is closed all the same.
         """
 
     def __enter__(self) -> Self:

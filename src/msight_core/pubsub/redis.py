@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import RedisConfig, load_redis_config, parse_redis_node
 from ._core import QueueBackend
-from ._redis import cluster_publisher, cluster_subscriber, single
+from ._redis import cluster_publisher, cluster_subscriber, publisher, subscriber
 from ._redis.slots import SlotMap
 from ._redis.wire import (
     Endpoint,
@@ -88,8 +88,8 @@ class RedisPubSub(QueueBackend):
                 endpoint = endpoint_from_client(client)
             self.cluster = False
             self.endpoint = endpoint
-            self._publisher = single.Publisher(endpoint, bound, timeout)
-            self._new_subscriber = lambda queue: single.Subscriber(endpoint, queue)
+            self._publisher = publisher.Publisher(endpoint, bound, timeout)
+            self._new_subscriber = lambda queue: subscriber.Subscriber(endpoint, queue)
             self._where = endpoint.address
         self._subscriber: Any = None
 

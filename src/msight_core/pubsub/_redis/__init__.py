@@ -4,7 +4,9 @@
   public API only), connection set-up (TLS, AUTH), RESP encoding, bulk reply parsing.
 * ``outbox``: the bounded publish buffer both publishers share, and every tuning
   constant of the Redis readers and writers.
-* ``single``: ``Publisher`` and ``Subscriber`` for one server (``PUBLISH``/``SUBSCRIBE``).
+* ``publisher`` / ``subscriber``: ``Publisher`` and ``Subscriber`` for one server
+  (``PUBLISH``/``SUBSCRIBE``); ``reader``: the subscriber's reply parsing (hiredis
+  for small replies, large frames received directly).
 * ``slots``: Redis Cluster hash slots and the slot-to-master map.
 * ``cluster_publisher`` / ``cluster_subscriber``: ``Publisher`` and ``Subscriber``
   for a cluster (sharded ``SPUBLISH``/``SSUBSCRIBE``).

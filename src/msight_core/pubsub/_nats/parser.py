@@ -4,52 +4,73 @@ nats-py parses every ``MSG`` by matching a regex at the start of its buffer,
 deleting the consumed bytes (a memmove of the rest of the buffer), building a
 ``Msg`` object, queueing it to a per-subscription task and awaiting the
 callback: about 13 µs of CPU per 1 KB message here, which caps a subscriber near
-65k msg/s. :class:`FastParser` replaces the client's parser (``Client._ps``,
-installed before connecting) and walks the buffer by offset, compacting it once
-per read. For a subscription registered with :meth:`FastParser.route`, a
-message goes straight to that subscription's ``deliver(subject, payload,
-reply)`` function, skipping the ``Msg`` object, the queue and the task. Headers
-are dropped on that path, so it takes only messages without headers or with
-headers the receiver ignores (see :meth:`Route.plain_headers`).
+65k msg/s. :class:`FastParser` takes the place of the client's parser
+(installed before connecting by :func:`.internals.install_parser`) and walks
+the buffer by offset, compacting it once per read. For a subscription
+registered with :meth:`FastParser.route`, a message goes straight to that
+route's ``deliver(subject, payload, reply)`` function, skipping the ``Msg``
+object, the queue and the task. Headers are dropped on that path, so it takes
+only messages without headers or with headers the receiver ignores (see
+:meth:`Route.plain_headers`).
 
-Everything else takes nats-py's own path unchanged (``Client._process_msg``,
-``_process_ping`` and so on): messages whose headers matter (status messages,
-large-frame notices), other subscriptions, and the control lines. To keep order within a routed
-subscription, once one of its messages took the nats-py path (a large-frame
-notice, which has headers), the following ones take it too until the callback
-has handled all of them (:meth:`Route.done`).
+Everything else goes to the client's own handlers (:class:`Hooks`, bound by
+:mod:`.internals`): messages whose headers matter (status messages, large-frame
+notices), other subscriptions, and the control lines. To keep order within a
+routed subscription, once one of its messages took the client's path (a
+large-frame notice, which has headers), the following ones take it too until
+the callback has handled all of them (:meth:`Route.done`). Routed messages are
+counted in the client's ``stats``, not in the subscription's ``delivered``.
 
-The parser is an implementation of the NATS client protocol
-(https://docs.nats.io/reference/reference-protocols/nats-protocol) written for
-this backend; it keeps the attributes nats-py's ``Parser.reset()`` sets, which
-the client calls on reconnects.
+The parser implements the NATS client protocol
+(https://docs.nats.io/reference/reference-protocols/nats-protocol); it uses no
+nats-py internals itself. The client calls only :meth:`FastParser.parse` and,
+on reconnects, :meth:`FastParser.reset`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import logging
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from nats.errors import ProtocolError
-from nats.protocol import parser as _nats_parser
 
-__all__ = ["FastParser", "Route", "install"]
-
-logger = logging.getLogger("msight_core.pubsub.nats")
+__all__ = ["FastParser", "Hooks", "Route"]
 
 _MSG = re.compile(rb"MSG[ \t]+([^ \t\r\n]+)[ \t]+(\d+)[ \t]+(?:([^ \t\r\n]+)[ \t]+)?(\d+)\r\n")
 _HMSG = re.compile(
     rb"HMSG[ \t]+([^ \t\r\n]+)[ \t]+(\d+)[ \t]+(?:([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
 )
+# The control lines, anchored at the start of the buffer (as nats-py matches them).
+_OK = re.compile(rb"\A\+OK\s*\r\n")
+_ERR = re.compile(rb"\A-ERR\s+('.+')?\r\n")
+_PING = re.compile(rb"\APING\s*\r\n")
+_PONG = re.compile(rb"\APONG\s*\r\n")
+_INFO = re.compile(rb"\AINFO\s+([^\r\n]+)\r\n")
 _M, _H = ord("M"), ord("H")
-_MAX_CONTROL_LINE = _nats_parser.MAX_CONTROL_LINE_SIZE
+_MAX_CONTROL_LINE = 4096  # the server's default max_control_line
 _SUBJECT_CACHE = 4096  # distinct subjects remembered as str per route
 _PLAIN_STATUS = b"NATS/1.0\r\n"  # a header block without a status code
 _VIEW_COPY = 16 * 1024  # from this size, copy through a memoryview (one copy, not two)
+
+
+class Hooks(Protocol):
+    """The client's handlers for what the parser does not route."""
+
+    stats: dict[str, int]
+
+    def process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> Awaitable[None]: ...
+
+    def process_err(self, text: str) -> Awaitable[None]: ...
+
+    def process_ping(self) -> Awaitable[None]: ...
+
+    def process_pong(self) -> Awaitable[None]: ...
+
+    def process_info(self, info: dict[str, Any]) -> Awaitable[None]: ...
 
 
 def _copy(buf: bytearray, start: int, stop: int) -> bytes:
@@ -64,15 +85,12 @@ def _copy(buf: bytearray, start: int, stop: int) -> bytes:
 class Route:
     """Where a routed subscription's plain messages go, and its ordering state."""
 
-    __slots__ = ("busy", "deliver", "marker", "sub", "subjects")
+    __slots__ = ("busy", "deliver", "marker", "subjects")
 
-    def __init__(
-        self, sub: Any, deliver: Callable[[str, bytes, bytes], None], marker: bytes | None
-    ) -> None:
-        self.sub = sub
+    def __init__(self, deliver: Callable[[str, bytes, bytes], None], marker: bytes | None) -> None:
         self.deliver = deliver
         self.marker = marker
-        self.busy = 0  # messages handed to nats-py's path and not yet handled
+        self.busy = 0  # messages handed to the client's path and not yet handled
         self.subjects: dict[bytes, str] = {}
 
     def plain_headers(self, buf: bytearray, start: int, stop: int) -> bool:
@@ -83,41 +101,40 @@ class Route:
         return self.marker is None or buf.find(self.marker, start, stop) < 0
 
     def done(self) -> None:
-        """The callback handled one message that took nats-py's path."""
+        """The callback handled one message that took the client's path."""
         if self.busy > 0:
             self.busy -= 1
 
 
-class FastParser(_nats_parser.Parser):
-    """Drop-in for ``nats.protocol.parser.Parser`` with routed subscriptions."""
+class FastParser:
+    """The NATS protocol parser a client calls, with routed subscriptions."""
 
-    def __init__(self, nc: Any = None) -> None:
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
         self.routes: dict[int, Route] = {}
-        super().__init__(nc)
+        self.reset()
 
     def reset(self) -> None:
-        super().reset()
+        """Forget a partly read command (the client calls it on reconnects)."""
+        self.buf = bytearray()
         self._head: tuple[bytes, int, bytes, int, int] | None = None  # MSG awaiting payload
 
     def route(
         self,
-        sub: Any,
+        sid: int,
         deliver: Callable[[str, bytes, bytes], None],
         marker: bytes | None = None,
-    ) -> Route | None:
-        """Send ``sub``'s plain messages to ``deliver``; ``None`` if it is too late.
+    ) -> Route:
+        """Send the plain messages of subscription ``sid`` to ``deliver``.
 
         Messages with headers go there too, without the headers, unless a header
         block has a status line or contains ``marker``.
 
-        Call it right after ``subscribe()`` returned: if a message for the
-        subscription already took nats-py's path, routing the next ones directly
-        could overtake it, so the subscription stays on nats-py's path.
+        Call it right after subscribing, before any message of the subscription
+        took the client's path: routing the next ones directly could overtake it.
         """
-        if sub._received:
-            return None
-        route = Route(sub, deliver, marker)
-        self.routes[sub._id] = route
+        route = Route(deliver, marker)
+        self.routes[sid] = route
         return route
 
     async def parse(self, data: bytes = b"") -> None:
@@ -125,9 +142,9 @@ class FastParser(_nats_parser.Parser):
         buf.extend(data)
         pos = 0
         end = len(buf)
-        nc = self.nc
+        hooks = self.hooks
         routes = self.routes
-        stats = nc.stats
+        stats = hooks.stats
         try:
             while pos < end:
                 head = self._head
@@ -147,7 +164,6 @@ class FastParser(_nats_parser.Parser):
                         pos = stop + 2
                         stats["in_msgs"] += 1
                         stats["in_bytes"] += size
-                        route.sub._received += 1
                         name = route.subjects.get(subject)
                         if name is None:
                             if len(route.subjects) >= _SUBJECT_CACHE:
@@ -160,7 +176,7 @@ class FastParser(_nats_parser.Parser):
                     pos = stop + 2
                     if route is not None:
                         route.busy += 1
-                    await nc._process_msg(sid, subject, reply, payload, hdr)
+                    await hooks.process_msg(sid, subject, reply, payload, hdr)
                     if self.buf is not buf:
                         return  # reset by a reconnect while awaiting
                     continue
@@ -183,7 +199,7 @@ class FastParser(_nats_parser.Parser):
                         return  # the line is not all here yet
                     # A complete line that is not MSG/HMSG: the control path decides.
                 # Control lines (PING, PONG, INFO, +OK, -ERR) are rare: compact the
-                # buffer so nats-py's own patterns (anchored at its start) apply.
+                # buffer so the anchored patterns apply.
                 del buf[:pos]
                 pos = 0
                 consumed = await self._control(buf)
@@ -199,50 +215,26 @@ class FastParser(_nats_parser.Parser):
 
     async def _control(self, buf: bytearray) -> int:
         """Handle one control line at the start of ``buf``; its length, 0 if incomplete."""
-        p = _nats_parser
-        nc = self.nc
-        match = p.OK_RE.match(buf)
+        hooks = self.hooks
+        match = _OK.match(buf)
         if match:
             return match.end()
-        match = p.ERR_RE.match(buf)
+        match = _ERR.match(buf)
         if match:
-            await nc._process_err((match.group(1) or b"").decode().lower())
+            await hooks.process_err((match.group(1) or b"").decode().lower())
             return match.end()
-        match = p.PING_RE.match(buf)
+        match = _PING.match(buf)
         if match:
-            await nc._process_ping()
+            await hooks.process_ping()
             return match.end()
-        match = p.PONG_RE.match(buf)
+        match = _PONG.match(buf)
         if match:
-            await nc._process_pong()
+            await hooks.process_pong()
             return match.end()
-        match = p.INFO_RE.match(buf)
+        match = _INFO.match(buf)
         if match:
-            await nc._process_info(json.loads(match.group(1).decode()))
+            await hooks.process_info(json.loads(match.group(1).decode()))
             return match.end()
         if len(buf) < _MAX_CONTROL_LINE and b"\r\n" in buf:
             raise ProtocolError("nats: unknown protocol")
         return 0
-
-
-def _compatible(nc: Any) -> bool:
-    """The client hooks the parser calls, with the signatures it calls them with."""
-    try:
-        params = list(inspect.signature(nc._process_msg).parameters)
-        hooks = all(
-            callable(getattr(nc, name, None))
-            for name in ("_process_err", "_process_ping", "_process_pong", "_process_info")
-        )
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return hooks and params[:5] == ["sid", "subject", "reply", "data", "headers"]
-
-
-def install(nc: Any) -> FastParser | None:
-    """Give a not yet connected nats-py client the fast parser; ``None`` if unsupported."""
-    if type(getattr(nc, "_ps", None)) is not _nats_parser.Parser or not _compatible(nc):
-        logger.debug("nats-py internals differ from what the fast parser expects; not used")
-        return None
-    parser = FastParser(nc)
-    nc._ps = parser
-    return parser

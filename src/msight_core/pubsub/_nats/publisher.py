@@ -1,40 +1,43 @@
-"""The NATS publishing pipeline (not public API).
+"""The NATS backend's publishing side, :class:`Publisher` (not public API).
 
 ``publish()`` (any thread) formats the protocol command itself and appends it to
 an outgoing buffer; a single writer coroutine on the backend's event loop moves
-whatever has accumulated into nats-py's send buffer in one piece, in order. No
-round trip and no loop hand-off per message: the loop is woken only when the
-writer was idle.
+whatever has accumulated to the connection in one piece, in order, through
+:class:`.internals.Wire`. No round trip and no loop hand-off per message: the
+loop is woken only when the writer was idle.
 
 Messages that need an acknowledgement from JetStream (JetStream-mode publishes
 and the chunks of large frames) carry a reply subject under a private inbox and a
 ``Nats-Msg-Id``; they stay in ``_sent`` until the stream acknowledges them, and
 are sent again after a reconnect or when the ack is late. The stream drops the
-duplicates by message id, so a resend never stores a message twice.
+duplicates by message id, so a resend never stores a message twice. Payloads
+above ``max_payload`` are cut into chunks of the large-frame stream
+(:mod:`.frames`) by the writer.
+
+Core NATS has no receipts: the writer sends a PING after new traffic, so a
+disconnect can tell how many messages were handed over since the last PONG
+(:meth:`Publisher.lost_connection`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
-import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from ..errors import BackpressureError, ClosedError, MsightError, PublishError
+from ...config import PublishConfig
+from ...errors import BackpressureError, ClosedError, MsightError, PublishError
+from .commands import CRLF, Commands, Frame, Tracked
+from .frames import LargeFrames
+from .internals import Wire
 
-if TYPE_CHECKING:
-    from .nats import NATSPubSub
-
-__all__ = ["FRAME_HEADER", "LARGE_SUBJECT_PREFIX", "Publisher"]
+__all__ = ["Publisher"]
 
 logger = logging.getLogger("msight_core.pubsub.nats")
 
-CRLF = b"\r\n"
-FRAME_HEADER = "Msight-Frame"
-LARGE_SUBJECT_PREFIX = "_msight.large."
 _EMIT_BYTES = 8 * 1024 * 1024  # a batch of tracked messages is handed over in such steps
 _EMIT_STEP = 4 * 1024 * 1024  # pending in nats-py before the writer waits for the socket
 _DIRECT_BYTES = 128 * 1024  # payloads from this size are handed over without a copy
@@ -43,40 +46,34 @@ _CONFIRM_INTERVAL = 0.05  # core NATS: PING this often while messages flow
 _RETRY_DELAY = 0.25  # JetStream briefly unavailable (503): send again after this
 
 
-class _Tracked:
-    """A command that waits for a JetStream acknowledgement."""
-
-    __slots__ = ("first_sent", "id", "pieces", "sent_at", "size", "what")
-
-    def __init__(self, ident: int, pieces: list[bytes], size: int, what: str) -> None:
-        self.id = ident
-        self.pieces = pieces
-        self.size = size
-        self.sent_at = 0.0
-        self.first_sent = 0.0  # when first handed over: the retry budget starts there
-        self.what = what
-
-
-class _Frame:
-    """A payload above ``max_payload``: chunked into JetStream by the writer."""
-
-    __slots__ = ("data", "name", "size")
-
-    def __init__(self, name: str, data: bytes) -> None:
-        self.name = name
-        self.data = data
-        self.size = len(data)
-
-
 class Publisher:
-    """Outgoing buffer, writer coroutine and JetStream ack tracking."""
+    """Outgoing buffer, writer coroutine and JetStream ack tracking.
 
-    def __init__(self, owner: NATSPubSub) -> None:
-        self.owner = owner
-        config = owner.config
-        self.jetstream = config.jetstream
-        self.buffer_bytes = config.publish.buffer_bytes
-        self.timeout = config.publish.timeout
+    Args:
+        jetstream: every publish waits for a JetStream ack (JetStream mode).
+        config: buffer bound and timeout.
+        large: the large-frame stream the writer stores big payloads in.
+        where: the servers, for messages.
+        state: the connection's state in words, for messages.
+    """
+
+    def __init__(
+        self,
+        jetstream: bool,
+        config: PublishConfig,
+        large: LargeFrames,
+        where: str,
+        state: Callable[[], str],
+    ) -> None:
+        self.jetstream = jetstream
+        self.buffer_bytes = config.buffer_bytes
+        self.timeout = config.timeout
+        self._large = large
+        self._where = where
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._nc: Any = None
+        self._wire: Wire | None = None
         self.resend_after = max(2.0, min(self.timeout / 2, 5.0))
         self._cond = threading.Condition(threading.Lock())
         self._buf: list[Any] = []
@@ -87,12 +84,8 @@ class Publisher:
         self._wake: asyncio.Event | None = None
         self._closing = False
         self._error: MsightError | None = None
-        self._sent: dict[int, _Tracked] = {}
-        self._ids = itertools.count(1)
-        token = uuid.uuid4().hex[:16]
-        self._ack_prefix = f"_INBOX.msight{token}."
-        self._ack_prefix_b = self._ack_prefix.encode()
-        self._msgid_prefix = token.encode()
+        self._sent: dict[int, Tracked] = {}
+        self._commands = Commands()
         self._ack_sub: Any = None
         self._prefixes: dict[str, bytes] = {}
         self.published = 0
@@ -110,13 +103,13 @@ class Publisher:
     def publish(self, name: str, data: bytes, max_payload: int) -> None:
         size = len(data)
         if self.jetstream:
-            item: Any = self._tracked(name, data, size)
+            item: Any = self._commands.tracked(name, data, size)
             if item.size > max_payload:  # the header counts against max_payload
-                item = _Frame(name, data)
+                item = Frame(name, data)
             self._put(item, size)
             return
         if size > max_payload:
-            self._put(_Frame(name, data), size)
+            self._put(Frame(name, data), size)
             return
         prefix = self._prefixes.get(name)
         if prefix is None:
@@ -145,18 +138,6 @@ class Publisher:
             if self._idle:
                 self._kick()
 
-    def _tracked(self, name: str, data: bytes, size: int) -> _Tracked:
-        ident = next(self._ids)
-        hdr = b"NATS/1.0\r\nNats-Msg-Id: %s.%d\r\n\r\n" % (self._msgid_prefix, ident)
-        head = b"HPUB %s %s%d %d %d\r\n" % (
-            name.encode(),
-            self._ack_prefix_b,
-            ident,
-            len(hdr),
-            len(hdr) + size,
-        )
-        return _Tracked(ident, [head, hdr, data, CRLF], len(hdr) + size, name)
-
     def _put(self, item: Any, size: int) -> None:
         with self._cond:
             if self._error is not None:
@@ -178,7 +159,7 @@ class Publisher:
             return  # not connected yet: the writer starts with a full buffer
         self._idle = False
         try:
-            self.owner._loop.loop.call_soon_threadsafe(wake.set)
+            self._loop.call_soon_threadsafe(wake.set)  # type: ignore[union-attr]
         except RuntimeError:  # loop closed under us (close() racing publish())
             self._idle = True
 
@@ -194,8 +175,8 @@ class Publisher:
             if remaining <= 0 or self._closing:
                 raise BackpressureError(
                     f"NATS publish buffer full ({self._buf_bytes} bytes pending for "
-                    f"{self.owner.servers_shown}, bound {self.buffer_bytes}) for "
-                    f"{self.timeout:g}s; {self.owner.connection_state}"
+                    f"{self._where}, bound {self.buffer_bytes}) for "
+                    f"{self.timeout:g}s; {self._state()}"
                 )
             self._cond.wait(remaining)
 
@@ -221,16 +202,19 @@ class Publisher:
                     raise BackpressureError(
                         f"flush timed out: {self._buf_msgs} message(s) not yet sent and "
                         f"{len(self._sent)} not yet acknowledged by NATS at "
-                        f"{self.owner.servers_shown}; {self.owner.connection_state}"
+                        f"{self._where}; {self._state()}"
                     )
                 self._cond.wait(min(remaining, 0.5))
             if self._error is not None:
                 self._raise_error()
 
-    def start(self) -> None:
-        """Called on the loop once connected: create the writer."""
-        self._wake = asyncio.Event()
+    def start(self, nc: Any) -> None:
+        """Called on the loop once ``nc`` is connected: create the writer."""
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._nc = nc
+        self._wire = Wire(nc, self.timeout)
+        self._wake = asyncio.Event()
         loop.create_task(self._run(), name="msight-nats-writer")
         loop.create_task(self._check_acks(), name="msight-nats-acks")
         if not self.jetstream:
@@ -266,7 +250,7 @@ class Publisher:
             self.wake()
         return len(late)
 
-    def _requeue(self, items: list[_Tracked]) -> None:
+    def _requeue(self, items: list[Tracked]) -> None:
         # Called with the lock held: ``items`` leave ``_sent`` for the buffer's front.
         if not items:
             return
@@ -278,12 +262,12 @@ class Publisher:
         self._buf_msgs += len(items)
         self._buf_bytes += sum(t.size for t in items)
 
-    def _retry_later(self, item: _Tracked) -> None:
+    def _retry_later(self, item: Tracked) -> None:
         """On the loop, lock held: send ``item`` again shortly (it stays unacked)."""
         item.sent_at = time.monotonic()  # not "late" for requeue_unacked meanwhile
         self.retried += 1
         if not self._retry_ids:
-            self.owner._loop.loop.call_later(_RETRY_DELAY, self._retry_due)
+            self._loop.call_later(_RETRY_DELAY, self._retry_due)  # type: ignore[union-attr]
         self._retry_ids.append(item.id)
 
     def _retry_due(self) -> None:
@@ -293,12 +277,13 @@ class Publisher:
         self.wake()
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._wire is not None
+        wire = self._wire
         while True:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                nc = self.owner._nc
+                nc = self._nc
                 if nc is None or not nc.is_connected:
                     break  # the reconnected callback wakes us again
                 with self._cond:
@@ -312,15 +297,15 @@ class Publisher:
                     self._cond.notify_all()
                 try:
                     if plain:  # only ready-made protocol bytes: hand them over as they are
-                        await self._emit(nc, batch)
+                        await self._emit(wire, batch)
                     else:
-                        await self._send(nc, batch)
+                        await self._send(nc, wire, batch)
                 except Exception as exc:
                     logger.warning("NATS writer: sending a batch failed (%s)", type(exc).__name__)
                     logger.debug("NATS writer failure", exc_info=True)
                 self.published += count
 
-    async def _send(self, nc: Any, batch: list[Any]) -> None:
+    async def _send(self, nc: Any, wire: Wire, batch: list[Any]) -> None:
         out: list[Any] = []
         size = 0
         now = time.monotonic()
@@ -335,7 +320,7 @@ class Publisher:
                 out.append(item)
                 size += len(item[1])
                 continue
-            if kind is _Frame:
+            if kind is Frame:
                 pieces = await self._expand_frame(nc, item)
             else:
                 pieces = [item]
@@ -357,133 +342,58 @@ class Publisher:
                     out.append(tuple(piece.pieces))
                 size += piece.size
                 if size >= _EMIT_BYTES:
-                    await self._emit(nc, out)
+                    await self._emit(wire, out)
                     out, size = [], 0
             if size >= _EMIT_BYTES:
-                await self._emit(nc, out)
+                await self._emit(wire, out)
                 out, size = [], 0
         if out:
-            await self._emit(nc, out)
+            await self._emit(wire, out)
 
-    async def _emit(self, nc: Any, out: list[Any]) -> None:
+    @staticmethod
+    async def _emit(wire: Wire, out: list[Any]) -> None:
         """Hand ``out`` to the connection, in order.
 
-        Runs of small pieces are joined into one command for nats-py's send
-        buffer, written out by its flusher task. A tuple is one large message: on
-        a TCP connection, nats-py's buffer is written out first and the message's
-        pieces go straight to the asyncio transport, which sends what the socket
-        takes and copies only the rest (nats-py's path would copy a 16 MB frame
-        three times more). Nothing suspends between a message's pieces, so no
-        other command can come between them; after each large message the
-        writer waits until the transport's buffer has drained.
+        Runs of small pieces are joined into one write. A tuple is one large
+        message, handed over in its pieces (:meth:`.internals.Wire.write_message`);
+        after it, the writer waits for the socket if too much is pending.
         """
-        transport = getattr(nc, "_transport", None)
-        direct = type(transport).__name__ == "TcpTransport"
         run: list[bytes] = []
         for piece in out:
             if type(piece) is not tuple:
                 run.append(piece)
                 continue
             if run:
-                await nc._send_command(b"".join(run))
+                await wire.write(b"".join(run))
                 run = []
-            if direct:
-                try:
-                    self._write_through(nc, transport, piece)
-                except Exception as exc:  # noqa: BLE001 - the connection is going down
-                    logger.debug("direct NATS write refused: %s", type(exc).__name__)
-                    direct = False  # this and the rest wait in nats-py's buffer
-                else:
-                    try:
-                        await transport.drain()
-                    except Exception as exc:  # noqa: BLE001 - lost with the connection
-                        # Counted as at risk by the disconnect (lost_connection).
-                        logger.debug("NATS connection lost while writing: %s", type(exc).__name__)
-                        direct = False
-                    continue
-            for part in piece:
-                # No suspension: client_options sets a pending_size never reached.
-                await nc._send_command(part)
-            if nc.pending_data_size >= _EMIT_STEP:
-                await nc._flush_pending(force_flush=True)
+            await wire.write_message(piece)
+            if wire.pending_bytes >= _EMIT_STEP:
+                await wire.flush(force=True)
         if run:
-            await nc._send_command(b"".join(run))
-        await nc._flush_pending(force_flush=nc.pending_data_size >= _EMIT_STEP)
+            await wire.write(b"".join(run))
+        await wire.flush(force=wire.pending_bytes >= _EMIT_STEP)
 
-    @staticmethod
-    def _write_through(nc: Any, transport: Any, pieces: tuple[bytes, ...]) -> None:
-        writer = getattr(transport, "_io_writer", None)
-        if writer is None or writer.is_closing():
-            raise ConnectionResetError("the NATS connection is closing")  # nothing written
-        if nc._pending:  # what was queued before goes first
-            transport.writelines(nc._pending)
-            nc._pending = []
-            nc._pending_data_size = 0
-        for part in pieces:
-            transport.write(memoryview(part))  # sliced, not copied, by a partial send
-
-    async def _expand_frame(self, nc: Any, frame: _Frame) -> list[Any]:
+    async def _expand_frame(self, nc: Any, frame: Frame) -> list[Any]:
         """Chunks into the large-frame stream, then the notice on the topic."""
-        large = self.owner._large
+        large = self._large
         stream = await large.ensure_stream(nc)
-        frame_id = f"{self._msgid_prefix.decode()}{next(self._ids)}"
-        subject = (LARGE_SUBJECT_PREFIX + frame_id).encode()
-        chunk = large.chunk_size(nc.max_payload)
-        view = memoryview(frame.data)
-        pieces: list[Any] = []
-        count = 0
-        for offset in range(0, frame.size, chunk):
-            part = bytes(view[offset : offset + chunk])
-            ident = next(self._ids)
-            hdr = b"NATS/1.0\r\nNats-Msg-Id: %s.%d\r\n\r\n" % (subject, count)
-            head = b"HPUB %s %s%d %d %d\r\n" % (
-                subject,
-                self._ack_prefix_b,
-                ident,
-                len(hdr),
-                len(hdr) + len(part),
-            )
-            pieces.append(
-                _Tracked(ident, [head, hdr, part, CRLF], len(hdr) + len(part), frame.name)
-            )
-            count += 1
-        notice = (
-            "NATS/1.0\r\n"
-            f"{FRAME_HEADER}: {frame_id}\r\n"
-            f"Msight-Frame-Size: {frame.size}\r\n"
-            f"Msight-Frame-Chunks: {count}\r\n"
-            f"Msight-Frame-Stream: {stream}\r\n"
-        ).encode()
-        name = frame.name.encode()
-        if self.jetstream:
-            ident = next(self._ids)
-            hdr = notice + b"Nats-Msg-Id: %s.%d\r\n\r\n" % (self._msgid_prefix, ident)
-            head = b"HPUB %s %s%d %d %d\r\n" % (
-                name,
-                self._ack_prefix_b,
-                ident,
-                len(hdr),
-                len(hdr),
-            )
-            pieces.append(_Tracked(ident, [head, hdr, CRLF], len(hdr), frame.name))
-        else:
-            hdr = notice + CRLF
-            pieces.append(b"HPUB %s %d %d\r\n%s\r\n" % (name, len(hdr), len(hdr), hdr))
+        pieces = self._commands.frame(
+            frame, stream, large.chunk_size(nc.max_payload), tracked_notice=self.jetstream
+        )
         self.frames += 1
         return pieces
 
     async def _subscribe_acks(self, nc: Any) -> None:
         self._ack_sub = await nc.subscribe(
-            self._ack_prefix + "*",
+            self._commands.ack_prefix + "*",
             cb=self._on_ack,
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=256 * 1024 * 1024,
         )
 
     async def _on_ack(self, msg: Any) -> None:
-        try:
-            ident = int(msg.subject[len(self._ack_prefix) :])
-        except ValueError:
+        ident = self._commands.ack_id(msg.subject)
+        if ident is None:
             return
         data = msg.data
         headers = msg.headers
@@ -527,7 +437,7 @@ class Publisher:
         """
         while True:
             await asyncio.sleep(_CONFIRM_INTERVAL)
-            nc = self.owner._nc
+            nc = self._nc
             handed = self.published
             if nc is None or not nc.is_connected or handed <= self.confirmed:
                 continue
@@ -539,27 +449,39 @@ class Publisher:
             self.confirmed = max(self.confirmed, handed)
 
     def lost_connection(self) -> int:
-        """On the loop, at a disconnect: count messages the server may not have got."""
+        """On the loop, at a disconnect: count messages the server may not have got.
+
+        Core NATS only; in JetStream mode what is not acknowledged is resent.
+        """
+        if self.jetstream:
+            return 0
         at_risk = max(self.published - self.confirmed, 0)
         self.confirmed = self.published
         self.possibly_lost += at_risk
         return at_risk
 
-    def backlog_at_reconnect(self) -> int:
-        """On the loop, at a reconnect: count the buffered messages sent now.
+    def reconnected(self) -> int:
+        """On the loop, at a reconnect: resend what awaits an ack, send the buffer.
 
-        Subscribers on other connections may not have resubscribed yet, so these
-        are at risk too (core NATS keeps nothing for absent subscribers).
+        Returns:
+            Core NATS: the buffered messages sent now. Subscribers on other
+            connections may not have resubscribed yet, so these are at risk too
+            (core NATS keeps nothing for absent subscribers).
         """
-        with self._cond:
-            backlog = self._buf_msgs
-        self.possibly_lost += backlog
+        self._large.reset()  # the server may have lost the (in-memory) chunk stream
+        backlog = 0
+        if not self.jetstream:
+            with self._cond:
+                backlog = self._buf_msgs
+            self.possibly_lost += backlog
+        self.requeue_unacked()
+        self.wake()
         return backlog
 
     async def _check_acks(self) -> None:
         while True:
             await asyncio.sleep(_ACK_CHECK_INTERVAL)
-            nc = self.owner._nc
+            nc = self._nc
             if nc is None or not nc.is_connected or not self._sent:
                 continue
             count = self.requeue_unacked(self.resend_after)

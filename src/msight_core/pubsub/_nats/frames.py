@@ -1,37 +1,69 @@
-"""JetStream helpers of the NATS backend (not public API).
+"""The large-frame protocol of the NATS backend (not public API).
 
-:class:`LargeFrames` carries payloads above the server's ``max_payload``: the
-writer stores the frame as chunks on a private subject of one in-memory stream,
-then publishes a small *notice* (headers only) on the topic itself. Because the
-notice is an ordinary message, NATS routes it like any other: every broadcast
-subscriber, or exactly one queue-group member, gets it, and that receiver
-reads the chunks back through an ordered consumer. No server setting changes.
+A payload above the server's ``max_payload`` is stored as chunks on a private
+subject (:data:`LARGE_SUBJECT_PREFIX` + frame id) of one in-memory JetStream
+stream, :data:`LARGE_STREAM`; then a small *notice*, a message with headers
+only, goes on the topic itself. Because the notice is an ordinary message, NATS
+routes it like any other: every broadcast subscriber, or exactly one
+queue-group member, gets it, and that receiver reads the chunks back through an
+ordered consumer. No server setting changes.
 
-:func:`ensure_topic_stream` and :func:`durable_name` serve JetStream mode.
+Notice headers: :data:`FRAME_HEADER` (the frame id), ``Msight-Frame-Size``,
+``Msight-Frame-Chunks`` and ``Msight-Frame-Stream``; :func:`notice_headers`
+writes them and :meth:`LargeFrames.fetch` checks them against what arrives.
+Each chunk carries ``Nats-Msg-Id: <subject>.<index>``, so a resent chunk is
+stored once. :class:`LargeFrames` owns the stream and reads frames back; the
+publisher (:mod:`.publisher`) cuts and sends them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..errors import BrokerError
-from ._nats_conn import nats
-from ._nats_pub import LARGE_SUBJECT_PREFIX
+import nats.js.errors
+from nats.js import api
 
-__all__ = ["LARGE_STREAM", "LargeFrames", "durable_name", "ensure_topic_stream"]
+from ...errors import PayloadTooLargeError
+
+__all__ = [
+    "FRAME_HEADER",
+    "FRAME_MARKER",
+    "LARGE_STREAM",
+    "LARGE_SUBJECT_PREFIX",
+    "LargeFrames",
+    "chunk_header",
+    "notice_headers",
+]
 
 logger = logging.getLogger("msight_core.pubsub.nats")
 
+FRAME_HEADER = "Msight-Frame"
+FRAME_MARKER = FRAME_HEADER.encode() + b":"  # in a header block: a notice, not data
+LARGE_SUBJECT_PREFIX = "_msight.large."
 LARGE_STREAM = "MSIGHT_LARGE_FRAMES"
 _HEADROOM = 512  # bytes of max_payload kept for the chunk's headers
-_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a frame id or stream name from a notice
 
-api = nats.js.api
+
+def chunk_header(subject: bytes, index: int) -> bytes:
+    """The header block of chunk ``index`` of the frame stored on ``subject``."""
+    return b"NATS/1.0\r\nNats-Msg-Id: %s.%d\r\n\r\n" % (subject, index)
+
+
+def notice_headers(frame_id: str, size: int, chunks: int, stream: str) -> bytes:
+    """The header lines of a frame's notice, after the status line, unterminated."""
+    return (
+        "NATS/1.0\r\n"
+        f"{FRAME_HEADER}: {frame_id}\r\n"
+        f"Msight-Frame-Size: {size}\r\n"
+        f"Msight-Frame-Chunks: {chunks}\r\n"
+        f"Msight-Frame-Stream: {stream}\r\n"
+    ).encode()
 
 
 class LargeFrames:
@@ -46,6 +78,11 @@ class LargeFrames:
         self.fetched = 0
         self.lost = 0
 
+    @property
+    def ready(self) -> bool:
+        """The stream is known to exist on the current connection."""
+        return self._ready
+
     def reset(self) -> None:
         """After a reconnect the server may have lost the (in-memory) stream."""
         self._ready = False
@@ -53,6 +90,36 @@ class LargeFrames:
     @staticmethod
     def chunk_size(max_payload: int) -> int:
         return max(max_payload - _HEADROOM, 1024)
+
+    def admit(
+        self,
+        size: int,
+        max_payload: int,
+        jetstream: bool,
+        run: Callable[[Coroutine[Any, Any, Any], float | None, str], Any],
+        nc: Any,
+    ) -> None:
+        """Check that a ``size``-byte payload can go as a large frame; blocks
+        until the stream exists (``run`` runs a coroutine on the loop).
+
+        Raises:
+            PayloadTooLargeError: no JetStream on the server, or the payload is
+                above half of the frame store.
+        """
+        if not jetstream:
+            raise PayloadTooLargeError(
+                f"payload of {size} bytes exceeds the NATS server's max_payload "
+                f"({max_payload} bytes) and the server has no JetStream to carry it: "
+                "raise max_payload in the nats-server configuration (up to 64 MB) or "
+                "start nats-server with JetStream (-js)"
+            )
+        if size > self.max_bytes // 2:
+            raise PayloadTooLargeError(
+                f"payload of {size} bytes exceeds half of the large-frame store "
+                f"({self.max_bytes} bytes); raise MSIGHT_NATS_LARGE_FRAME_STORE_BYTES"
+            )
+        if not self._ready:
+            run(self.ensure_stream(nc), self.timeout, "create the large-frame stream")
 
     async def ensure_stream(self, nc: Any) -> str:
         """Create (or adopt) the chunk stream; on the loop."""
@@ -89,11 +156,20 @@ class LargeFrames:
     async def fetch(self, nc: Any, topic: str, headers: dict[str, str]) -> bytes | None:
         """Read a frame's chunks back; ``None`` (logged, counted) if it is gone."""
         try:
-            frame_id = headers["Msight-Frame"]
+            frame_id = headers[FRAME_HEADER]
             size = int(headers["Msight-Frame-Size"])
             chunks = int(headers["Msight-Frame-Chunks"])
             stream = headers.get("Msight-Frame-Stream", LARGE_STREAM)
         except (KeyError, ValueError):
+            frame_id = stream = ""
+            size = chunks = -1
+        # Peers are untrusted: the size bounds the buffer, the names become subjects.
+        if not (
+            0 < size <= self.max_bytes
+            and 0 < chunks <= size
+            and _TOKEN.fullmatch(frame_id)
+            and _TOKEN.fullmatch(stream)
+        ):
             self.lost += 1
             logger.warning("malformed large-frame notice on %r ignored", topic)
             return None
@@ -145,49 +221,3 @@ class LargeFrames:
                     logger.debug("unsubscribing a frame consumer failed", exc_info=True)
         self.fetched += 1
         return bytes(buf)
-
-
-def _stream_name(topic: str) -> str:
-    digest = hashlib.sha1(topic.encode()).hexdigest()[:8]
-    return f"MSIGHT_{_NAME_RE.sub('_', topic)[:100]}_{digest}"
-
-
-def durable_name(group_id: str) -> str:
-    """A JetStream consumer name for ``group_id`` (stable across restarts)."""
-    clean = _NAME_RE.sub("_", group_id)[:100]
-    if clean != group_id:
-        clean += "_" + hashlib.sha1(group_id.encode()).hexdigest()[:8]
-    return clean
-
-
-async def ensure_topic_stream(
-    nc: Any, topic: str, max_age: float, max_bytes: int, timeout: float, replicas: int = 1
-) -> str:
-    """The stream that stores ``topic``: an existing one, or a new file stream
-    replicated on ``replicas`` servers of a JetStream cluster."""
-    jsm = nc.jsm(timeout=timeout)
-    try:
-        return str(await jsm.find_stream_name_by_subject(topic))
-    except nats.js.errors.NotFoundError:
-        pass
-    name = _stream_name(topic)
-    config = api.StreamConfig(
-        name=name,
-        description=f"msight topic {topic}",
-        subjects=[topic],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS,
-        discard=api.DiscardPolicy.OLD,
-        max_age=max_age,
-        max_bytes=max_bytes or -1,
-        duplicate_window=min(max_age, 120.0),
-        num_replicas=replicas,
-    )
-    try:
-        await jsm.add_stream(config)
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:
-            raise BrokerError(
-                f"NATS JetStream cannot create a stream for {topic!r}: {exc.description}"
-            ) from exc
-    return name

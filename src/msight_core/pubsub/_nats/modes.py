@@ -1,0 +1,204 @@
+"""Core NATS and JetStream mode of the NATS backend (not public API).
+
+A backend holds one mode, chosen from ``NatsConfig.jetstream`` when it is made:
+the strategy for everything that differs between the two.
+
+* :class:`CoreMode`: plain subscriptions (the NATS queue group ``group_id``
+  when set), nothing stored, nothing to acknowledge.
+* :class:`JetStreamMode`: each topic is stored in a stream (an existing one
+  covering the subject, or ``MSIGHT_<topic>_<hash>``). With ``group_id`` the
+  subscription binds to the durable consumer named after it, shared by all
+  members (each message to one member) and resumed after restarts; without
+  it, each subscriber gets its own consumer starting at new messages. A
+  delivery is acknowledged when the application asks for the next one (acks
+  are sent in batches); on close, what was delivered but not processed is
+  returned to the group at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from ...config import NatsConfig
+from ...errors import ClosedError, MsightError
+from ..base import Capabilities
+from . import internals
+from .streams import consumer_config, durable_name, ensure_topic_stream
+
+__all__ = ["CoreMode", "JetStreamMode"]
+
+logger = logging.getLogger("msight_core.pubsub.nats")
+
+_SUB_PENDING_MSGS = 1_000_000
+_SUB_PENDING_BYTES = 512 * 1024 * 1024
+_ACK_BATCH = 64  # JetStream acks held back at most before they are sent
+
+Run = Callable[[Coroutine[Any, Any, Any], float | None, str], Any]
+Drain = Callable[[], Coroutine[Any, Any, None]]
+
+
+class CoreMode:
+    """Core NATS: broadcast or queue groups, best-effort, nothing to acknowledge."""
+
+    capabilities = Capabilities(broadcast=True, groups=True, persistent=False, ordered=True)
+    acknowledges = False
+    headroom = 0
+    """Bytes of ``max_payload`` an ordinary publish leaves for headers."""
+
+    def __init__(self, group_id: str | None, connect_timeout: float) -> None:
+        self._group = group_id or ""
+        self.subscribe_timeout = connect_timeout * 3
+
+    def prepare(self, name: str) -> None:
+        """Before publishing to or subscribing ``name``: nothing to set up."""
+
+    async def subscribe(
+        self, nc: Any, name: str, cb: Callable[[Any], Awaitable[None]]
+    ) -> tuple[Any, tuple[int, int] | None]:
+        sub = await nc.subscribe(
+            name,
+            queue=self._group,
+            cb=cb,
+            pending_msgs_limit=_SUB_PENDING_MSGS,
+            pending_bytes_limit=_SUB_PENDING_BYTES,
+        )
+        return sub, internals.core_route(sub)
+
+    def token(self, reply: str) -> Any:
+        return None
+
+    def lost_frame(self, reply: str) -> None:
+        pass
+
+    def ack(self, token: Any) -> None:
+        pass
+
+    def ack_flush(self) -> None:
+        pass
+
+    def stop(self, drain: Drain | None) -> None:
+        pass
+
+
+class JetStreamMode:
+    """JetStream: durable, at-least-once, replay for returning groups.
+
+    Args:
+        config: the backend's configuration.
+        run: runs a coroutine on the backend's loop and waits for it.
+        client: returns the connected nats-py client.
+        send: queues a protocol command behind the publisher's (acks, NAKs).
+    """
+
+    capabilities = Capabilities(broadcast=True, groups=True, persistent=True, ordered=True)
+    acknowledges = True
+    headroom = 256  # the Nats-Msg-Id header of a tracked publish
+
+    def __init__(
+        self,
+        config: NatsConfig,
+        run: Run,
+        client: Callable[[], Any],
+        send: Callable[[bytes], None],
+    ) -> None:
+        self._config = config
+        self._run = run
+        self._client = client
+        self._send = send
+        self.subscribe_timeout = config.publish.timeout
+        self._streams: dict[str, str] = {}
+        # Delivered to us but not yet acknowledged (queued or in the application's
+        # hands): negatively acknowledged on close so the group gets them at once.
+        self._outstanding: dict[str, None] = {}
+        self._acks: list[bytes] = []  # processed, acknowledgement not yet handed over
+
+    def prepare(self, name: str) -> None:
+        """Before publishing to or subscribing ``name``: its stream exists (blocks)."""
+        if name in self._streams:
+            return
+        cfg = self._config
+        self._streams[name] = self._run(
+            ensure_topic_stream(
+                self._client(),
+                name,
+                cfg.stream_max_age,
+                cfg.stream_max_bytes,
+                cfg.publish.timeout,
+                cfg.stream_replicas,
+            ),
+            cfg.publish.timeout,
+            f"create the stream for {name!r}",
+        )
+
+    async def subscribe(
+        self, nc: Any, name: str, cb: Callable[[Any], Awaitable[None]]
+    ) -> tuple[Any, tuple[int, int] | None]:
+        cfg = self._config
+        group = cfg.group_id
+        consumer = consumer_config(bool(group), cfg.ack_wait, min(1000, cfg.queue.max_messages))
+        binding: dict[str, Any] = {}
+        if group:
+            durable = durable_name(group)
+            binding = {"queue": durable, "durable": durable}
+        sub = await nc.jetstream(timeout=cfg.publish.timeout).subscribe(
+            name,
+            stream=self._streams[name],
+            cb=cb,
+            manual_ack=True,
+            config=consumer,
+            pending_msgs_limit=_SUB_PENDING_MSGS,
+            pending_bytes_limit=_SUB_PENDING_BYTES,
+            **binding,
+        )
+        return sub, internals.jetstream_route(sub)
+
+    def token(self, reply: str) -> Any:
+        if not reply:
+            return None
+        self._outstanding[reply] = None
+        return reply
+
+    def lost_frame(self, reply: str) -> None:
+        if reply:
+            self._send(b"PUB %s 0\r\n\r\n" % reply.encode())
+
+    def ack(self, token: Any) -> None:
+        # Held back and sent in one piece when the application has gone through
+        # what it took from the queue (or _ACK_BATCH of them): one hand-over to
+        # the loop per batch instead of a loop wake-up per message.
+        self._outstanding.pop(token, None)
+        self._acks.append(b"PUB %s 0\r\n\r\n" % token.encode())
+        if len(self._acks) >= _ACK_BATCH:
+            self.ack_flush()
+
+    def ack_flush(self) -> None:
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
+        try:
+            self._send(b"".join(acks))
+        except ClosedError:
+            logger.debug("%d ack(s) after close dropped; redelivered later", len(acks))
+
+    def stop(self, drain: Drain | None) -> None:
+        """Before the connection closes: send the acks, stop deliveries, return
+        what was delivered but not processed (blocks, bounded)."""
+        self.ack_flush()
+        nc = self._client()
+        if nc is not None and drain is not None and nc.is_connected:
+            # Stop deliveries before leaving: the server removes our interest (so it
+            # stops pushing to an inbox about to vanish, where messages would wait
+            # ack_wait for redelivery) and what it had already sent reaches the
+            # callback, to be returned to the group below.
+            try:
+                self._run(drain(), self._config.publish.timeout, "stop deliveries")
+            except MsightError:
+                logger.debug("stopping JetStream deliveries failed", exc_info=True)
+        if nc is not None and self._outstanding:
+            tokens = list(self._outstanding)
+            self._outstanding.clear()
+            for reply in tokens:
+                self._send(b"PUB %s 4\r\n-NAK\r\n" % reply.encode())
+            logger.debug("returned %d unprocessed message(s) to JetStream", len(tokens))
