@@ -15,6 +15,7 @@ as well as plain comma-separated values; they are parsed, never evaluated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +44,8 @@ __all__ = [
     "load_publish_config",
     "load_queue_config",
     "load_redis_config",
+    "mask_url",
+    "masked",
     "nats_connect_options",
     "parse_bool",
     "parse_redis_node",
@@ -86,6 +91,18 @@ class Secret:
 
     def __reduce__(self) -> Any:  # keep secrets out of pickles too
         raise TypeError("Secret values cannot be pickled")
+
+
+class _MaskedRepr:
+    """``repr()`` of a config dataclass with every value passed through :func:`masked`."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={masked(getattr(self, f.name))!r}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.repr
+        )
+        return f"{type(self).__name__}({fields})"
 
 
 class OverflowPolicy(str, Enum):
@@ -138,8 +155,8 @@ class PublishConfig:
             raise ConfigError("publish timeout must be > 0")
 
 
-@dataclass(frozen=True)
-class RedisConfig:
+@dataclass(frozen=True, repr=False)
+class RedisConfig(_MaskedRepr):
     """Redis connection settings (``MSIGHT_REDIS_MESSAGE_BROKER_*``)."""
 
     host: str = "localhost"
@@ -164,8 +181,8 @@ class RedisConfig:
             raise ConfigError("Redis db must be >= 0")
 
 
-@dataclass(frozen=True)
-class NatsConfig:
+@dataclass(frozen=True, repr=False)
+class NatsConfig(_MaskedRepr):
     """NATS connection settings (``MSIGHT_NATS_*``)."""
 
     servers: tuple[str, ...] = ("nats://localhost:4222",)
@@ -222,8 +239,8 @@ class NatsConfig:
             raise ConfigError("NATS stream_max_bytes must be 0 (no bound) or at least 1 MiB")
 
 
-@dataclass(frozen=True)
-class KafkaConfig:
+@dataclass(frozen=True, repr=False)
+class KafkaConfig(_MaskedRepr):
     """Kafka settings (``MSIGHT_KAFKA_*``).
 
     ``producer``, ``consumer`` and ``client`` hold librdkafka properties passed
@@ -303,16 +320,97 @@ _SECRET_WORDS = ("password", "secret", "token", "key", "jwt", "seed", "credentia
 
 
 def _is_secret_property(key: str) -> bool:
+    """A pass-through client property whose value must never be shown.
+
+    Every ``sasl.*`` property (``sasl.oauthbearer.config`` carries client
+    secrets), any ``ssl.*`` property naming a key, and anything named like a
+    password, secret, token, key, JWT, seed or credential; file locations excepted.
+    """
     lowered = key.lower()
-    return any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith(
-        (".location", ".file")
-    )
+    if lowered.endswith((".location", ".file")):
+        return False
+    if lowered.startswith("sasl.") or (lowered.startswith("ssl.") and "key" in lowered):
+        return True
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]*)@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    ``nats://alice:pw@host:4222`` -> ``nats://alice:***@host:4222``;
+    ``nats://s3cr3t-token@host`` -> ``nats://***@host``. The one function every
+    message, repr and display of a server address goes through.
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        user, sep, _ = match["userinfo"].partition(":")
+        shown = f"{user}:***" if sep else "***"
+        return f"{match['scheme']}{shown}@"
+
+    return _URL_CREDENTIALS.sub(hide, text)
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """A copy of a configuration value that is safe to show: secrets as ``***``,
+    credentials in URLs masked, secret-named properties of mappings hidden."""
+    if isinstance(value, Secret) or (key and _is_secret_property(key) and value is not None):
+        return "***"
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, tuple):
+        return tuple(masked(v) for v in value)
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: masked(v, str(k)) for k, v in value.items()}
+    return value
 
 
 def _shown(value: str) -> str:
     """A short, safe rendering of a (non-secret) bad value for error messages."""
+    value = mask_url(value)
     text = value if len(value) <= 60 else value[:57] + "..."
     return repr(text)
+
+
+_warned_no_verify: set[str] = set()
+
+
+def _tls_files(prefix: str) -> tuple[str, ...]:
+    return (prefix + "TLS_CA_CERT_FILE", prefix + "TLS_CERT_FILE", prefix + "TLS_KEY_FILE")
+
+
+def _use_tls(explicit: bool | None, var: str, e: _Env, files: tuple[str, ...]) -> bool:
+    """TLS is on when ``var`` says so, or when TLS files are configured and ``var``
+    is unset: a CA or certificate file means TLS was meant.
+
+    Raises:
+        ConfigError: ``var`` is false while TLS files are configured.
+    """
+    given = [name for name in files if e.raw(name) is not None]
+    if explicit is None:
+        return bool(given)
+    on = explicit
+    if not on and given:
+        raise ConfigError(
+            f"{var} is false but {', '.join(given)} {'is' if len(given) == 1 else 'are'} set: "
+            f"set {var}=true to use TLS, or unset {'it' if len(given) == 1 else 'them'}"
+        )
+    return on
+
+
+def _warn_if_unverified(use_tls: bool, verify: bool, var: str) -> None:
+    """A WARNING, once per process and variable, when TLS runs without verification."""
+    if use_tls and not verify and var not in _warned_no_verify:
+        _warned_no_verify.add(var)
+        logger.warning(
+            "%s=false: TLS certificate verification is off; traffic is encrypted but the "
+            "server is not authenticated (anyone on the path can impersonate it)",
+            var,
+        )
 
 
 def parse_bool(value: str, var: str = "value") -> bool:
@@ -522,7 +620,7 @@ def load_redis_config(env: Mapping[str, str] | None = None, **overrides: Any) ->
         db=e.int(p + "DB", 0, minimum=0, maximum=1_000_000),
         username=e.str(p + "USERNAME"),
         password=e.secret(p + "PASSWORD"),
-        use_tls=e.bool(p + "USE_TLS", False),
+        use_tls=_use_tls(e.bool(p + "USE_TLS", None), p + "USE_TLS", e, _tls_files(p)),  # type: ignore[arg-type]
         tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
         tls_cert_file=e.str(p + "TLS_CERT_FILE"),
         tls_key_file=e.str(p + "TLS_KEY_FILE"),
@@ -533,7 +631,9 @@ def load_redis_config(env: Mapping[str, str] | None = None, **overrides: Any) ->
         queue=load_queue_config(env),
         publish=load_publish_config(env),
     )
-    return _replace(config, overrides)
+    config = _replace(config, overrides)
+    _warn_if_unverified(config.use_tls, config.tls_verify, p + "TLS_VERIFY")
+    return config
 
 
 def load_nats_config(
@@ -551,7 +651,7 @@ def load_nats_config(
         nkey_seed=e.secret(p + "NKEY_SEED"),
         user_jwt=e.secret(p + "USER_JWT"),
         user_credentials=e.str(p + "USER_CREDENTIALS"),
-        use_tls=e.bool(p + "USE_TLS", False),
+        use_tls=_use_tls(e.bool(p + "USE_TLS", None), p + "USE_TLS", e, _tls_files(p)),  # type: ignore[arg-type]
         tls_verify=e.bool(p + "TLS_VERIFY", True),
         tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
         tls_cert_file=e.str(p + "TLS_CERT_FILE"),
@@ -571,7 +671,10 @@ def load_nats_config(
         queue=load_queue_config(env),
         publish=load_publish_config(env),
     )
-    return _replace(config, overrides)
+    config = _replace(config, overrides)
+    tls = config.use_tls or any(s.startswith("tls://") for s in config.servers)
+    _warn_if_unverified(tls, config.tls_verify, p + "TLS_VERIFY")
+    return config
 
 
 def nats_connect_options(config: NatsConfig) -> dict[str, Any]:
@@ -667,7 +770,7 @@ def load_kafka_config(
         sasl_mechanism=e.str(p + "SASL_MECHANISM"),
         sasl_username=e.str(p + "SASL_USERNAME"),
         sasl_password=e.secret(p + "SASL_PASSWORD"),
-        use_tls=e.bool(p + "USE_TLS", False),
+        use_tls=_use_tls(e.bool(p + "USE_TLS", None), p + "USE_TLS", e, (p + "TLS_CA_CERT_FILE",)),  # type: ignore[arg-type]
         tls_ca_cert_file=e.str(p + "TLS_CA_CERT_FILE"),
         num_partitions=e.int(p + "NUM_PARTITIONS", KafkaConfig.num_partitions, minimum=1),
         replication_factor=e.int(p + "REPLICATION_FACTOR", 1, minimum=1, maximum=1000),
@@ -685,7 +788,13 @@ def load_kafka_config(
         queue=load_queue_config(env),
         publish=load_publish_config(env),
     )
-    return _replace(config, overrides)
+    config = _replace(config, overrides)
+    for role in ("client", "producer", "consumer"):
+        value = str(getattr(config, role).get("enable.ssl.certificate.verification", "true"))
+        if value.strip().lower() in _BOOL_FALSE - {""}:
+            var = f"{p}{role.upper()}_ENABLE_SSL_CERTIFICATE_VERIFICATION"
+            _warn_if_unverified(True, False, var)
+    return config
 
 
 def kafka_client_conf(config: KafkaConfig) -> dict[str, Any]:

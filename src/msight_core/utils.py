@@ -65,7 +65,7 @@ def _cluster_client(redis: Any, config: RedisConfig, options: dict[str, Any]) ->
     from redis.cluster import ClusterNode
     from redis.exceptions import RedisClusterException, RedisError
 
-    from .config import parse_redis_node
+    from .config import mask_url, parse_redis_node
     from .errors import BrokerUnavailableError, ConfigError
 
     if options.pop("db", 0):
@@ -79,5 +79,6 @@ def _cluster_client(redis: Any, config: RedisConfig, options: dict[str, Any]) ->
     except (RedisClusterException, RedisError) as exc:
         # redis-py connects to the seeds at once to learn the slot map.
         raise BrokerUnavailableError(
-            f"cannot reach the Redis Cluster at {', '.join(entries)}: {type(exc).__name__}"
+            f"cannot reach the Redis Cluster at {mask_url(', '.join(entries))}: "
+            f"{type(exc).__name__}"
         ) from exc

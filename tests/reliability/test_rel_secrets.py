@@ -210,3 +210,77 @@ def test_doctor_output_shows_no_secret(unique_topic: str) -> None:
     text = "\n".join(outputs)
     leaks = [name for name, value in {**SECRETS, **WRONG}.items() if value in text]
     assert not leaks, (leaks, text[-3000:])
+
+
+# -- credentials written inside server URLs (issue 15, row 5) ---------------------------
+
+
+URL_SECRET = _secret("url")
+
+
+def test_credentials_in_server_urls_never_show(caplog: pytest.LogCaptureFixture) -> None:
+    """``nats://alice:pw@host``, ``redis://u:pw@host`` and a token URL: masked in reprs,
+    in ConfigError messages, and in the Kafka pass-through (``sasl.*``)."""
+    from msight_core.config import mask_url
+    from msight_core.errors import ConfigError
+
+    nats_env = {
+        "MSIGHT_NATS_SERVERS": f"nats://alice:{URL_SECRET}@h1:4222,nats://{URL_SECRET}@h2:4222"
+    }
+    redis_env_nodes = "MSIGHT_REDIS_MESSAGE_BROKER_CLUSTER_NODES"
+    redis_env = {
+        "MSIGHT_REDIS_MESSAGE_BROKER_USE_CLUSTER": "true",
+        redis_env_nodes: f"redis://u:{URL_SECRET}@a:7000",
+    }
+    kafka_env = {
+        "MSIGHT_KAFKA_CLIENT_SASL_OAUTHBEARER_CONFIG": f"clientId=a clientSecret={URL_SECRET}",
+        "MSIGHT_KAFKA_PRODUCER_SSL_KEY_PEM": URL_SECRET,
+    }
+    shown = [
+        repr(load_nats_config(env=nats_env)),
+        str(load_nats_config(env=nats_env)),
+        repr(load_redis_config(redis_env)),
+        repr(load_kafka_config(env=kafka_env)),
+        mask_url(f"see rediss://u:{URL_SECRET}@h:1/0 and nats://{URL_SECRET}@x"),
+    ]
+    assert "alice:***@h1" in shown[0] and "nats://***@h2" in shown[0]
+    for bad in (
+        {"MSIGHT_NATS_SERVERS": f"['nats://alice:{URL_SECRET}@h1:4222', '']"},
+        {"MSIGHT_NATS_SERVERS": f"nats://alice:{URL_SECRET}@h1:4222 nats://x"},
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_nats_config(env=bad)
+        shown.append(str(info.value))
+    from msight_core.pubsub import RedisPubSub
+
+    bad_node = f"redis://u:{URL_SECRET}@a:notaport"
+    with pytest.raises(ConfigError) as info:  # the node list is parsed by the backend
+        RedisPubSub(load_redis_config(redis_env | {redis_env_nodes: bad_node}))
+    shown.append(str(info.value))
+    text = "\n".join(shown)
+    assert URL_SECRET not in text, text
+    assert URL_SECRET not in caplog.text
+
+
+def test_doctor_masks_credentials_in_server_urls() -> None:
+    env = {
+        **os.environ,
+        "MSIGHT_PUBSUB_BACKEND": "nats",
+        "MSIGHT_NATS_SERVERS": f"nats://alice:{URL_SECRET}@127.0.0.1:{free_port()}",
+        "MSIGHT_KAFKA_CLIENT_SASL_OAUTHBEARER_CONFIG": f"clientSecret={URL_SECRET}",
+        "MSIGHT_LOG_LEVEL": "DEBUG",
+    }
+    outputs = []
+    for backend in ("nats", "kafka"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "msight_core", "doctor", "--timeout", "2"],
+            env={**env, "MSIGHT_PUBSUB_BACKEND": backend},
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        outputs.append(proc.stdout + proc.stderr)
+    text = "\n".join(outputs)
+    assert "alice:***@127.0.0.1" in outputs[0], outputs[0][-2000:]
+    assert URL_SECRET not in text, text[-3000:]

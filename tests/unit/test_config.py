@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 
 from msight_core.config import (
@@ -170,3 +173,59 @@ def test_kafka_delivery_timeout_beyond_librdkafka_names_the_variable(value: str)
         load_kafka_config(env={"MSIGHT_KAFKA_DELIVERY_TIMEOUT": value})
     config = load_kafka_config(env={"MSIGHT_KAFKA_DELIVERY_TIMEOUT": "2000000"})
     assert config.delivery_timeout == 2_000_000
+
+
+# -- TLS settings (issue 15, row 7) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("load", "prefix", "files"),
+    [
+        (load_redis_config, "MSIGHT_REDIS_MESSAGE_BROKER_", ("TLS_CA_CERT_FILE", "TLS_CERT_FILE")),
+        (lambda env: load_nats_config(env=env), "MSIGHT_NATS_", ("TLS_CA_CERT_FILE",)),
+        (lambda env: load_kafka_config(env=env), "MSIGHT_KAFKA_", ("TLS_CA_CERT_FILE",)),
+    ],
+)
+def test_tls_files_turn_tls_on_or_conflict(load: Any, prefix: str, files: tuple[str, ...]) -> None:
+    assert load({}).use_tls is False
+    for name in files:
+        assert load({prefix + name: "/etc/ssl/ca.pem"}).use_tls is True
+        with pytest.raises(ConfigError, match=f"{prefix}USE_TLS=true"):
+            load({prefix + name: "/etc/ssl/ca.pem", prefix + "USE_TLS": "false"})
+    assert load({prefix + "USE_TLS": "true"}).use_tls is True
+
+
+def test_kafka_sasl_with_a_ca_file_is_not_sent_in_clear() -> None:
+    from msight_core.config import kafka_client_conf
+
+    config = load_kafka_config(
+        env={
+            "MSIGHT_KAFKA_SASL_MECHANISM": "PLAIN",
+            "MSIGHT_KAFKA_SASL_USERNAME": "u",
+            "MSIGHT_KAFKA_SASL_PASSWORD": "pw",
+            "MSIGHT_KAFKA_TLS_CA_CERT_FILE": "/etc/ssl/ca.pem",
+        }
+    )
+    assert kafka_client_conf(config)["security.protocol"] == "SASL_SSL"
+
+
+def test_unverified_tls_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    import msight_core.config as config_module
+
+    config_module._warned_no_verify.clear()
+    caplog.set_level(logging.WARNING, logger="msight_core.config")
+    env = {"MSIGHT_NATS_USE_TLS": "true", "MSIGHT_NATS_TLS_VERIFY": "false"}
+    load_nats_config(env=env)
+    load_nats_config(env=env)
+    load_nats_config(env={"MSIGHT_NATS_TLS_VERIFY": "false"})  # no TLS: nothing to say
+    warnings = [r for r in caplog.records if "verification is off" in r.getMessage()]
+    assert len(warnings) == 1 and "MSIGHT_NATS_TLS_VERIFY" in warnings[0].getMessage()
+    redis_env = {
+        "MSIGHT_REDIS_MESSAGE_BROKER_USE_TLS": "true",
+        "MSIGHT_REDIS_MESSAGE_BROKER_TLS_VERIFY": "false",
+    }
+    load_redis_config(redis_env)
+    load_kafka_config(env={"MSIGHT_KAFKA_CLIENT_ENABLE_SSL_CERTIFICATE_VERIFICATION": "false"})
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "MSIGHT_REDIS_MESSAGE_BROKER_TLS_VERIFY" in warned
+    assert "MSIGHT_KAFKA_CLIENT_ENABLE_SSL_CERTIFICATE_VERIFICATION" in warned

@@ -17,6 +17,7 @@ from ..config import (
     load_kafka_config,
     load_nats_config,
     load_redis_config,
+    mask_url,
 )
 from ..errors import ConfigError, MsightError
 
@@ -116,7 +117,7 @@ def _host_port(server: str, default_port: int) -> tuple[str, int]:
         parts = urlsplit(text)
         port = parts.port or default_port
     except ValueError as exc:
-        raise ConfigError(f"malformed server address {server!r}: {exc}") from None
+        raise ConfigError(f"malformed server address {mask_url(server)!r}: {exc}") from None
     return parts.hostname or "localhost", port
 
 

@@ -25,6 +25,8 @@ from ..config import (
     load_nats_config,
     load_queue_config,
     load_redis_config,
+    mask_url,
+    masked,
 )
 from ..errors import ConfigError, MsightError
 from ..pubsub import get_pubsub
@@ -116,22 +118,22 @@ def render_config(config: Any, prefix: str = "") -> list[tuple[str, str]]:
             if not value:
                 rows.append((name, "{}"))
             for key in sorted(value):
-                rows.append((f"{name}[{key}]", _shown(value[key])))
+                rows.append((f"{name}[{key}]", _shown(masked(value[key], str(key)))))
         else:
             rows.append((name, _shown(value)))
     return rows
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, Secret):
+    if isinstance(value, Secret) or value == "***":
         return "*** (set)"
     if value is None:
         return "-"
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, tuple):
-        return ", ".join(str(v) for v in value) or "-"
-    return str(value)
+        return ", ".join(mask_url(str(v)) for v in value) or "-"
+    return mask_url(str(value))
 
 
 def _clean(exc: BaseException) -> str:
