@@ -17,6 +17,7 @@ for debugging but callers only ever need to catch our types::
     └── BrokerError                                     anything the broker side did
         ├── BrokerUnavailableError                      broker unreachable or connection lost
         │   └── AuthenticationError                     credentials refused
+        ├── PermissionDeniedError                       broker ACL refuses this topic to us
         ├── ShardedPubSubUnsupportedError               Redis Cluster without SPUBLISH (< 7)
         ├── PublishError                                delivery failed after acceptance
         └── BackpressureError                           outage buffer full / publish timed out
@@ -43,6 +44,7 @@ __all__ = [
     "MissingDependencyError",
     "MsightError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "PublishError",
     "SerializationError",
     "ShardedPubSubUnsupportedError",
@@ -104,6 +106,14 @@ class BrokerUnavailableError(BrokerError):
 
 class AuthenticationError(BrokerUnavailableError):
     """The broker refused the configured credentials."""
+
+
+class PermissionDeniedError(BrokerError):
+    """The broker's access rules (ACL, permissions) refuse this topic to these credentials.
+
+    Raised by ``subscribe()``; a refused publish is reported as a
+    :class:`PublishError` whose cause is this error.
+    """
 
 
 class ShardedPubSubUnsupportedError(BrokerError):

@@ -30,7 +30,13 @@ from typing import Any
 import pytest
 
 from msight_core.config import KafkaConfig, Secret, load_redis_config
-from msight_core.errors import AuthenticationError, BrokerUnavailableError, MsightError
+from msight_core.errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    MsightError,
+    PermissionDeniedError,
+    PublishError,
+)
 from msight_core.pubsub import get_pubsub
 from msight_core.testing.brokers import NatsServer, RedisServer, free_port
 from msight_core.testing.conformance import collect
@@ -122,14 +128,24 @@ def test_redis_acl_user(unique_topic: str) -> None:
             AuthenticationError,
         )
         assert "acl-pass" not in text
-        # A channel outside the user's ACL: a typed error within the connect
-        # timeout, not a hang.
-        env_short = {**env, "MSIGHT_REDIS_MESSAGE_BROKER_CONNECT_TIMEOUT": "2"}
-        backend = get_pubsub(env=env_short)
+        # A channel outside the user's ACL: PermissionDeniedError as soon as Redis
+        # answers, not a wait for the connect timeout; the backend stays usable.
+        backend = get_pubsub(env=env)
         started = time.monotonic()
-        with pytest.raises(MsightError):
+        with pytest.raises(PermissionDeniedError, match="forbidden.channel"):
             backend.subscribe("forbidden.channel")
-        assert time.monotonic() - started < QUICK
+        assert time.monotonic() - started < 1.0
+        assert backend.topics == ()
+        backend.subscribe(unique_topic)  # an allowed channel still works
+        # A refused PUBLISH is reported by the next flush() (or publish()), once.
+        backend.publish("forbidden.channel", b"x")
+        with pytest.raises(PublishError) as info:
+            backend.flush(5)
+        assert isinstance(info.value.__cause__, PermissionDeniedError)
+        backend.publish(unique_topic, b"allowed")
+        backend.flush(5)
+        message = backend.receive(5)
+        assert message is not None and message.data == b"allowed"
         backend.close()
 
 
@@ -303,7 +319,7 @@ def test_kafka_security_configuration(
     pytest.importorskip("confluent_kafka")
     from confluent_kafka import Consumer, Producer
 
-    from msight_core.pubsub._kafka_conf import admin_conf, consumer_conf, producer_conf
+    from msight_core.pubsub._kafka.settings import admin_conf, consumer_conf, producer_conf
 
     config = KafkaConfig(
         servers=(f"127.0.0.1:{free_port()}",),

@@ -269,8 +269,7 @@ class Publisher(Outbox):
             raise ShardedPubSubUnsupportedError(
                 f"{node.endpoint.address} does not know SPUBLISH (needs Redis 7+ or Valkey)"
             )
-        self.failed += 1
-        logger.error("Redis Cluster refused an SPUBLISH on %s: %s", node.endpoint.address, text)
+        self._publish_refused(entry[0], b"-" + text.encode())
         return False
 
     def _drop(self, node: _Node, exc: BaseException) -> None:

@@ -19,7 +19,7 @@ import time
 import weakref
 from typing import Any
 
-from ...errors import BackpressureError, MsightError
+from ...errors import BackpressureError, MsightError, PermissionDeniedError, PublishError
 
 __all__ = [
     "BACKOFF_MAX",
@@ -85,6 +85,7 @@ class Outbox:
         self._closing = False
         self._abort = False
         self._fatal: MsightError | None = None
+        self._refusal: PublishError | None = None  # raised once by publish()/flush()
         self._last_problem: str | None = None
         self._thread: threading.Thread | None = None
         self.published = 0
@@ -100,6 +101,8 @@ class Outbox:
         """With the lock held: raise a stored fatal error, or wait for room."""
         if self._fatal is not None:
             self._raise_fatal()
+        if self._refusal is not None:
+            self._raise_refusal()
         if self._pending_bytes and self._pending_bytes + size > self.buffer_bytes:
             self._wait_for_room(size)
 
@@ -110,6 +113,28 @@ class Outbox:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
             self._thread.start()
+
+    def _publish_refused(self, name: str, reply: bytes) -> None:
+        """An error reply to a PUBLISH: count it, log it, report it to the caller.
+
+        The next ``publish()`` or ``flush()`` raises :class:`PublishError` (once),
+        with :class:`PermissionDeniedError` as its cause when an ACL refused it.
+        """
+        text = reply[1:201].decode("utf-8", "replace")
+        with self._cond:
+            self.failed += 1
+            if self._refusal is None:
+                error = PublishError(f"{self.where} refused a PUBLISH to {name}: {text}")
+                if text.startswith("NOPERM"):
+                    error.__cause__ = PermissionDeniedError(text)
+                self._refusal = error
+                self._cond.notify_all()
+        logger.error("%s refused a PUBLISH to %s: %s", self.where, name, text)
+
+    def _raise_refusal(self) -> None:
+        error, self._refusal = self._refusal, None
+        assert error is not None
+        raise error
 
     def _raise_fatal(self) -> None:
         assert self._fatal is not None
@@ -140,6 +165,8 @@ class Outbox:
             while self._pending_msgs or self._unreplied:
                 if self._fatal is not None:
                     self._raise_fatal()
+                if self._refusal is not None:
+                    self._raise_refusal()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     why = f" (last error: {self._last_problem})" if self._last_problem else ""
@@ -149,6 +176,8 @@ class Outbox:
                     )
                 self._cond.notify_all()
                 self._cond.wait(min(remaining, 0.1))
+            if self._refusal is not None:
+                self._raise_refusal()
 
     def close(self, timeout: float) -> None:
         """Deliver what is buffered (up to ``timeout`` seconds), then stop the writer."""

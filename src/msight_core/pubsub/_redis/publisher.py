@@ -228,8 +228,7 @@ class Publisher(Outbox):
             self.unrouted += 1
             self._had_receivers.discard(name)
         elif reply.startswith(b"-"):
-            self.failed += 1
-            logger.error("Redis refused a PUBLISH: %s", reply[1:].split(b" ", 1)[0].decode())
+            self._publish_refused(name, reply)
         with self._cond:
             self._pending_msgs -= 1
             self._pending_bytes -= len(triple[1])
@@ -333,8 +332,7 @@ class Publisher(Outbox):
                 if line == b":0":
                     had.discard(name)
                 elif line.startswith(b"-"):
-                    self.failed += 1
-                    logger.error("Redis refused a PUBLISH: %s", line[1:].split(b" ", 1)[0].decode())
+                    self._publish_refused(name, line)
                 else:
                     had.add(name)
         self._reply_tail = tail

@@ -14,9 +14,15 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
 
-from ...errors import AuthenticationError, BrokerUnavailableError, MsightError
+from ...errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    MsightError,
+    PermissionDeniedError,
+)
 from .._core import Delivery, ReceiveQueue
 from .outbox import BACKOFF_MAX, BACKOFF_MIN, CLOSE_TIMEOUT
 from .reader import ReplyStream
@@ -37,6 +43,11 @@ class Subscriber:
         self._names: list[str] = []
         self._outbox: list[bytes] = []
         self._confirmed: dict[str, threading.Event] = {}
+        # SUBSCRIBEs sent and not yet answered, in order: an error reply is the
+        # answer to the first of them (Redis answers commands in order).
+        self._awaiting: deque[str] = deque()
+        self._refused: dict[str, str] = {}
+        self.unexpected = 0
         self._sock: socket.socket | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -51,6 +62,7 @@ class Subscriber:
             self._names.append(name)
             self._confirmed[name] = event
             self._outbox.append(pack_command(b"SUBSCRIBE", name.encode()))
+            self._awaiting.append(name)
             start = self._thread is None
         if start:
             try:
@@ -59,6 +71,7 @@ class Subscriber:
                 with self._lock:
                     self._names.remove(name)
                     self._outbox.clear()
+                    self._awaiting.clear()
                 raise
             self._thread = threading.Thread(
                 target=self._run, name="msight-redis-reader", daemon=True
@@ -66,10 +79,16 @@ class Subscriber:
             self._thread.start()
         else:
             self._wake()
-        if not event.wait(self.endpoint.connect_timeout):
-            with self._lock:
-                if name in self._names:
-                    self._names.remove(name)
+        confirmed = event.wait(self.endpoint.connect_timeout)
+        with self._lock:
+            refused = self._refused.pop(name, None)
+            if (refused is not None or not confirmed) and name in self._names:
+                self._names.remove(name)
+        if refused is not None:
+            raise PermissionDeniedError(
+                f"Redis at {self.endpoint.address} refused SUBSCRIBE {name}: {refused}"
+            )
+        if not confirmed:
             raise BrokerUnavailableError(
                 f"Redis at {self.endpoint.address} did not confirm SUBSCRIBE {name} "
                 f"within {self.endpoint.connect_timeout:g}s"
@@ -90,7 +109,39 @@ class Subscriber:
         return {
             "subscriber_reconnects": self.reconnects,
             "outage_seconds": round(self.outage_seconds, 3),
+            "unexpected_messages": self.unexpected,
         }
+
+    def _known(self, channel: bytes) -> str | None:
+        """The topic of ``channel`` if we subscribed to it; else count and drop."""
+        name = channel.decode("utf-8", "replace")
+        if name in self._confirmed:
+            return name
+        self.unexpected += 1
+        logger.warning("dropped a message on channel %r, which was not subscribed", name[:80])
+        return None
+
+    def _answered(self, channel: bytes | None, error: str | None) -> None:
+        """A SUBSCRIBE was confirmed (``channel``) or refused (``error``)."""
+        with self._lock:
+            if channel is not None:
+                name = channel.decode("utf-8", "replace")
+                if name in self._awaiting:
+                    self._awaiting.remove(name)
+            elif self._awaiting:
+                name = self._awaiting.popleft()
+                # Only the first word and what Redis says of it; never a credential.
+                self._refused[name] = error[:200] if error else "refused"
+                if name in self._names:
+                    self._names.remove(name)
+            else:
+                logger.error("Redis sent an error to the subscriber: %s", (error or "")[:200])
+                return
+            event = self._confirmed.get(name)
+        if error is not None:
+            logger.error("Redis refused SUBSCRIBE %s: %s", name, error[:200])
+        if event is not None:
+            event.set()
 
     def _wake(self) -> None:
         try:
@@ -107,6 +158,7 @@ class Subscriber:
                     self._sock = connect(self.endpoint)
                     with self._lock:
                         self._outbox = [pack_command(b"SUBSCRIBE", n.encode()) for n in self._names]
+                        self._awaiting = deque(self._names)
                     if lost_at is not None:
                         outage = time.monotonic() - lost_at
                         self.outage_seconds += outage
@@ -123,9 +175,13 @@ class Subscriber:
                 logger.error("%s; subscriber stopped", exc)
                 self.queue.fail(exc)
                 return
-            except (OSError, hiredis.ProtocolError, BrokerUnavailableError) as exc:
+            except Exception as exc:  # the reader must outlive any reply
                 if self._closed:
                     break
+                if not isinstance(exc, (OSError, hiredis.ProtocolError, BrokerUnavailableError)):
+                    # Not a connection problem: a reply we cannot handle. Reconnect
+                    # rather than stop: listen() must never hang on a dead reader.
+                    logger.exception("Redis subscriber could not handle a reply")
                 if self._sock is not None:
                     self._sock.close()
                     self._sock = None
@@ -174,15 +230,16 @@ class Subscriber:
                         channel = reply[1]
                         name = names.get(channel)
                         if name is None:
-                            name = names[channel] = channel.decode()
+                            name = self._known(channel)
+                            if name is None:
+                                continue
+                            names[channel] = name
                         batch.append(Delivery(name, reply[2]))
                         continue
                     if kind == b"subscribe":
-                        event = self._confirmed.get(reply[1].decode())
-                        if event is not None:
-                            event.set()
+                        self._answered(reply[1], None)
                         continue
                 if isinstance(reply, hiredis.ReplyError):
-                    logger.error("Redis refused a subscription: %s", reply)
+                    self._answered(None, str(reply))
             if batch:
                 put_many(batch)
