@@ -420,7 +420,7 @@ def test_secrets_stay_out_of_repr_errors_and_logs(
         consumer={"ssl.key.password": secret},
         connect_timeout=1.0,
     )
-    from msight_core.pubsub._kafka_conf import consumer_conf
+    from msight_core.pubsub._kafka.settings import consumer_conf
 
     conf = consumer_conf(config, "g", None)
     assert conf["sasl.password"] == secret and conf["security.protocol"] == "SASL_PLAINTEXT"

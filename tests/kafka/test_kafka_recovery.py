@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from msight_core.config import load_kafka_config
 from msight_core.errors import MsightError, PublishError
 from msight_core.pubsub import KafkaPubSub
-from msight_core.pubsub._kafka_conf import producer_conf
+from msight_core.pubsub._kafka.settings import producer_conf
 from msight_core.pubsub.utils import get_kafka_config
 from msight_core.testing.brokers import KafkaServer
 

@@ -9,7 +9,8 @@ blocked reader at once.
 (topic names, payload types), subscription bookkeeping, ``listen()`` /
 ``receive()``, acknowledgement of a message when the application comes back for
 the next one, and idempotent ``close()``. A concrete backend only moves bytes:
-``_subscribe``, ``_publish``, ``_flush``, ``_close`` and optionally ``_ack``.
+``_subscribe``, ``_publish``, ``_flush``, ``_close`` and optionally ``_ack``,
+``_ack_flush`` and ``_accept`` (skip queued deliveries that went stale).
 """
 
 from __future__ import annotations
@@ -128,6 +129,38 @@ class ReceiveQueue:
                 self._cond.notify()
         return clean
 
+    def offer(self, items: deque[Delivery]) -> None:
+        """Move deliveries from the front of ``items`` while they fit; never waits or drops.
+
+        For readers that apply backpressure at the source (Kafka pauses its
+        partitions): what does not fit stays in ``items`` for a later call. A
+        delivery bigger than ``max_bytes`` fits an empty queue. Once the queue is
+        closed, ``items`` is emptied.
+        """
+        cfg = self.config
+        with self._cond:
+            if self._closed:
+                items.clear()
+                return
+            queued = self._items
+            count, nbytes = len(queued), self._bytes
+            if count + len(items) <= cfg.max_messages:
+                total = sum(len(item.data) for item in items)
+                if nbytes + total <= cfg.max_bytes or not count and len(items) == 1:
+                    queued.extend(items)
+                    items.clear()
+                    count, nbytes = len(queued), nbytes + total
+            while items and count < cfg.max_messages:
+                size = len(items[0].data)
+                if count and nbytes + size > cfg.max_bytes:
+                    break
+                queued.append(items.popleft())
+                count += 1
+                nbytes += size
+            self._bytes = nbytes
+            if queued:
+                self._cond.notify()
+
     def fail(self, exc: BaseException) -> None:
         """Make ``get()`` raise ``exc`` once the queued messages are consumed."""
         with self._cond:
@@ -226,6 +259,8 @@ class QueueBackend(PubSubBackend):
         # Deliveries taken from the queue in one batch, handed out one by one.
         self._local: deque[Delivery] = deque()
         self._batch_limit = 256
+        # Only a backend that overrides _accept pays for asking it (per message).
+        self._filtering = type(self)._accept is not QueueBackend._accept
         self.delivered = 0
 
     # -- the seed contract --------------------------------------------------------
@@ -333,15 +368,18 @@ class QueueBackend(PubSubBackend):
         if previous is not None and previous.token is not None:
             self._ack(previous)
         local = self._local
-        if not local:
-            self._ack_flush()  # about to wait: nothing held back meanwhile
-            batch = self._queue.get_many(timeout, self._batch_limit)
-            if batch is _CLOSED or not batch:
+        while True:
+            if not local:
+                self._ack_flush()  # about to wait: nothing held back meanwhile
+                batch = self._queue.get_many(timeout, self._batch_limit)
+                if batch is _CLOSED or not batch:
+                    return None
+                local.extend(batch)
+            elif self._state is not State.OPEN:
                 return None
-            local.extend(batch)
-        elif self._state is not State.OPEN:
-            return None
-        item = local.popleft()
+            item = local.popleft()
+            if not self._filtering or item.token is None or self._accept(item):
+                break
         self._in_hand = item
         self.delivered += 1
         return item
@@ -381,6 +419,16 @@ class QueueBackend(PubSubBackend):
 
     def _ack_flush(self) -> None:
         """Send acknowledgements ``_ack`` held back (called before waiting for more)."""
+
+    def _accept(self, delivery: Delivery) -> bool:
+        """False if ``delivery`` went stale while queued: it is then skipped.
+
+        Asked on the ``listen()`` thread for each delivery that carries a token,
+        just before it is handed out. A skipped delivery is neither handed out,
+        counted nor acknowledged: the broker delivers it again (to whoever owns
+        it now). Kafka skips messages of partitions revoked or rewound since.
+        """
+        return True
 
     @abstractmethod
     def _close(self) -> None:

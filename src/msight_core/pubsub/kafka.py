@@ -39,6 +39,10 @@ Subscribing
     (and on ``close()``), so a crashed subscriber gets the unprocessed messages
     again. A full receive queue pauses the partitions instead of dropping:
     the configured overflow policy is not used (Kafka keeps the backlog).
+
+This module is the public facade; the machinery is in the private package
+``msight_core.pubsub._kafka`` (settings, errors, admin, chunks, publisher,
+subscriber).
 """
 
 from __future__ import annotations
@@ -51,9 +55,10 @@ from typing import Any
 from ..config import KafkaConfig, OverflowPolicy, load_kafka_config
 from ..errors import ConfigError, MsightError
 from ._core import Delivery, QueueBackend
-from ._kafka_conf import TopicAdmin, translate
-from ._kafka_consumer import KafkaReader
-from ._kafka_producer import KafkaWriter
+from ._kafka.admin import TopicAdmin
+from ._kafka.errors import translate
+from ._kafka.publisher import Publisher
+from ._kafka.subscriber import Subscriber
 from .base import Capabilities
 
 __all__ = ["KafkaPubSub"]
@@ -88,8 +93,8 @@ class KafkaPubSub(QueueBackend):
         super().__init__(queue)
         self.config = config
         self._admin = TopicAdmin(config)
-        self._writer: KafkaWriter | None = None
-        self._reader: KafkaReader | None = None
+        self._publisher: Publisher | None = None
+        self._subscriber: Subscriber | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -110,57 +115,48 @@ class KafkaPubSub(QueueBackend):
                     created = True
                 else:
                     raise
-            if self._reader is None:
-                self._reader = KafkaReader(self.config, self._queue)
-            self._reader.subscribe(name, created)
+            if self._subscriber is None:
+                self._subscriber = Subscriber(self.config, self._queue)
+            self._subscriber.subscribe(name, created)
         except MsightError:
             raise
         except Exception as exc:
             raise translate(exc, f"subscribing to {name!r}") from exc
 
     def _publish(self, name: str, data: bytes) -> None:
-        writer = self._writer
-        if writer is None:
-            writer = self._make_writer()
-        writer.publish(name, data)
+        publisher = self._publisher
+        if publisher is None:
+            publisher = self._make_publisher()
+        publisher.publish(name, data)
 
-    def _make_writer(self) -> KafkaWriter:
+    def _make_publisher(self) -> Publisher:
         with self._state_lock:
-            if self._writer is None:
-                self._writer = KafkaWriter(self.config, self._admin)
-            return self._writer
+            if self._publisher is None:
+                self._publisher = Publisher(self.config, self._admin)
+            return self._publisher
 
     def _flush(self, timeout: float | None) -> None:
-        if self._writer is not None:
-            self._writer.flush(timeout)
+        if self._publisher is not None:
+            self._publisher.flush(timeout)
 
     def _ack(self, delivery: Delivery) -> None:
-        reader = self._reader
-        if reader is not None and delivery.token is not None:
-            reader.ack(delivery.topic, delivery.token)
+        subscriber = self._subscriber
+        if subscriber is not None and delivery.token is not None:
+            subscriber.ack(delivery.topic, delivery.token)
 
-    def _next(self, timeout: float | None) -> Delivery | None:
-        while True:
-            item = super()._next(timeout)
-            reader = self._reader
-            if (
-                item is None
-                or item.token is None
-                or reader is None
-                or reader.current(item.topic, item.token)
-            ):
-                return item
-            # Its partition was revoked or rewound: the new owner/position re-delivers it.
-            self._in_hand = None
-            self.delivered -= 1
+    def _accept(self, delivery: Delivery) -> bool:
+        # A message of a partition revoked or rewound since it was queued is not
+        # handed out: the partition's new owner (or new position) delivers it again.
+        subscriber = self._subscriber
+        return subscriber is None or subscriber.current(delivery.topic, delivery.token)
 
     def _close(self) -> None:
         try:
-            if self._writer is not None:
-                self._writer.close()
+            if self._publisher is not None:
+                self._publisher.close()
         finally:
-            if self._reader is not None:
-                self._reader.close()
+            if self._subscriber is not None:
+                self._subscriber.close()
 
     # -- Kafka extras -------------------------------------------------------------------
 
@@ -187,7 +183,7 @@ class KafkaPubSub(QueueBackend):
         """
         name = self._name(topic)
         self._check_open()
-        if name not in self.topics or self._reader is None:
+        if name not in self.topics or self._subscriber is None:
             raise RuntimeError(f"replay({name!r}): subscribe to the topic first")
         if isinstance(start, datetime.datetime):
             if start.tzinfo is None:
@@ -200,7 +196,7 @@ class KafkaPubSub(QueueBackend):
         if isinstance(start, int) and start < 0:
             raise ConfigError("replay(): an offset must be >= 0")
         try:
-            return self._reader.replay(name, start)
+            return self._subscriber.replay(name, start)
         except MsightError:
             raise
         except Exception as exc:
@@ -210,17 +206,18 @@ class KafkaPubSub(QueueBackend):
         """Counters: delivered/queued (base), published, delivery failures, frames,
         producers replaced after a fatal error and messages re-sent by them."""
         out = super().stats()
-        if self._writer is not None:
+        publisher, subscriber = self._publisher, self._subscriber
+        if publisher is not None:
             out.update(
-                published=self._writer.published,
-                chunked_frames_sent=self._writer.chunked_frames,
-                delivery_failures=self._writer.failed_total,
-                producer_rebuilds=self._writer.rebuilds,
-                resent=self._writer.resent,
+                published=publisher.published,
+                chunked_frames_sent=publisher.chunked_frames,
+                delivery_failures=publisher.failed_total,
+                producer_rebuilds=publisher.rebuilds,
+                resent=publisher.resent,
             )
-        if self._reader is not None:
+        if subscriber is not None:
             out.update(
-                rebalances=self._reader.rebalances,
-                incomplete_frames_dropped=self._reader.incomplete_frames_dropped,
+                rebalances=subscriber.rebalances,
+                incomplete_frames_dropped=subscriber.incomplete_frames_dropped,
             )
         return out

@@ -1,4 +1,4 @@
-"""The Kafka publishing side (not public API).
+"""The Kafka publishing side: :class:`Publisher`.
 
 One idempotent, ``acks=all`` librdkafka producer per backend. ``publish()``
 only hands the record to librdkafka, which batches (``linger.ms``) and sends in
@@ -6,7 +6,7 @@ the background; a daemon thread serves delivery reports. Reports come only for
 failures (``delivery.report.only.error``); a failure that cannot be repaired is
 counted per topic and raised as :class:`PublishError` from the next
 ``publish()``, ``flush()`` or ``close()``. librdkafka gives up on a message
-after ``message.timeout.ms`` (:func:`~._kafka_conf.delivery_timeout`).
+after ``message.timeout.ms`` (:func:`~.settings.delivery_timeout`).
 
 Recovery, with no user code:
 
@@ -26,76 +26,42 @@ A re-produced message is given up (and reported) once it could not be
 delivered within another ``delivery_timeout``.
 
 Frames larger than the topic's ``max.message.bytes`` are split into chunks sent
-with one key (so one partition, in order) and a ``msight.chunk`` header; the
-consumer side reassembles them. Frames within the limit are plain records whose
+with one key (so one partition, in order; the format is in :mod:`.chunks`); the
+subscriber reassembles them. Frames within the limit are plain records whose
 value is exactly the published bytes.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
-from ..config import KafkaConfig
-from ..errors import BackpressureError, ConfigError, MsightError, PublishError
-from ._kafka_conf import (
-    CHUNK_HEADER,
-    CHUNK_STRUCT,
-    RECORD_OVERHEAD,
-    TopicAdmin,
-    delivery_timeout,
-    producer_conf,
-    translate,
-)
+from ...config import KafkaConfig
+from ...errors import BackpressureError, ConfigError, MsightError, PublishError
+from .admin import TopicAdmin
+from .chunks import RECORD_OVERHEAD, FrameIds, split
+from .errors import PRODUCER_LOST, TOPIC_MISSING, code_of, fatal_error, is_fatal, translate
+from .settings import delivery_timeout, producer_conf
 
-__all__ = ["KafkaWriter"]
+__all__ = ["Publisher"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
 _POLL_INTERVAL = 0.05
-#: Reported for messages a replaced (fatal) producer had not delivered: re-produce them.
-_PRODUCER_LOST = {
-    KafkaError._FATAL,
-    KafkaError._FENCED,
-    KafkaError._PURGE_QUEUE,
-    KafkaError._PURGE_INFLIGHT,
-    KafkaError.UNKNOWN_PRODUCER_ID,
-    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-    KafkaError.INVALID_PRODUCER_EPOCH,
-}
-#: The topic is gone: create it again, then re-produce.
-_TOPIC_LOST = {
-    KafkaError._UNKNOWN_PARTITION,
-    KafkaError._UNKNOWN_TOPIC,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-}
 #: Epoch bumps per statistics interval that mean the broker rejects our producer id.
 _EPOCH_BUMPS = 3
 #: Seconds a replaced producer is polled for the reports of its purged messages.
 _RETIRE_WAIT = 5.0
 _ENSURE_INTERVAL = 1.0
-
-
-def _fatal(exc: BaseException) -> Any:
-    """The ``KafkaError`` of ``exc`` if it says the producer failed for good, else None."""
-    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-    if err is not None and (err.fatal() or err.code() in (KafkaError._FATAL, KafkaError._FENCED)):
-        return err
-    return None
-
-
-def _code(exc: BaseException) -> Any:
-    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-    return None if err is None else err.code()
 
 
 class _Retry(NamedTuple):
@@ -113,11 +79,12 @@ class _Epochs:
     librdkafka answers UNKNOWN_PRODUCER_ID without risk of duplicates by bumping
     the epoch locally; a real Kafka accepts that once. A broker that lost the
     producer id for good (tansu after a restart) rejects every epoch, so the
-    producer loops until ``message.timeout.ms``: the writer replaces it instead.
+    producer loops until ``message.timeout.ms``: ``on_rejected(reason)`` is
+    called then, and the publisher replaces the producer.
     """
 
-    def __init__(self, writer: KafkaWriter) -> None:
-        self.writer = writer
+    def __init__(self, on_rejected: Callable[[str], None]) -> None:
+        self.on_rejected = on_rejected
         self.pid = -1
         self.epoch = -1
         self.bumping = 0
@@ -133,21 +100,27 @@ class _Epochs:
         self.pid, self.epoch = pid, epoch
         self.bumping = self.bumping + 1 if bumped > 0 else 0
         if not self.retired and (bumped >= _EPOCH_BUMPS or self.bumping >= 2):
-            self.writer.request_rebuild(
+            self.on_rejected(
                 f"the broker keeps rejecting producer id {pid} (epoch bumped to {epoch}): "
                 "it lost the producer's idempotence state"
             )
 
 
-class KafkaWriter:
-    """Producer, delivery-report thread, recovery and the per-topic frame limits."""
+class Publisher:
+    """Producer, delivery-report thread, recovery and the per-topic frame limits.
+
+    Args:
+        config: the backend's settings.
+        admin: creates topics and tells their limits (shared with the backend).
+
+    ``publish()`` is thread-safe and does not wait for the broker.
+    """
 
     def __init__(self, config: KafkaConfig, admin: TopicAdmin) -> None:
         self.config = config
         self.admin = admin
         self._key = os.urandom(8) if config.ordered else None
-        self._frame_prefix = os.urandom(8)
-        self._frame_seq = itertools.count()
+        self._frame_ids = FrameIds()
         self._limits: dict[str, int] = {}
         self._learn_lock = threading.Lock()
         self._chunk_lock = threading.Lock()
@@ -164,7 +137,7 @@ class KafkaWriter:
         self._outage_logged = False
         self._stop = threading.Event()
         self._timeout = delivery_timeout(config)
-        self._epochs = _Epochs(self)
+        self._epochs = _Epochs(self.request_rebuild)
         self.producer = self._new_producer(self._epochs)
         self.max_record = int(producer_conf(config, None, None)["message.max.bytes"])
         self.published = 0
@@ -195,12 +168,12 @@ class KafkaWriter:
     def _failed_delivery(self, err: Any, msg: Any, headers: Any, deadline: float | None) -> None:
         topic = msg.topic() or "?"
         code = err.code()
-        if not self._closing and (code in _PRODUCER_LOST or code in _TOPIC_LOST):
+        if not self._closing and (code in PRODUCER_LOST or code in TOPIC_MISSING):
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._timeout
             if now < deadline:
-                if code in _TOPIC_LOST:
+                if code in TOPIC_MISSING:  # the topic is gone: create it again
                     self._missing.setdefault(topic, 0.0)
                 # Producer-lost codes come from a producer already being replaced
                 # (error_cb/poll report the fatal error itself): just re-send.
@@ -219,7 +192,7 @@ class KafkaWriter:
             logger.error("Kafka delivery to topic %r failed: %s", topic, reason)
 
     def _on_error(self, err: Any) -> None:
-        if err.fatal() or err.code() in (KafkaError._FATAL, KafkaError._FENCED):
+        if is_fatal(err):
             self.request_rebuild(err.str())
         elif not self._outage_logged:
             self._outage_logged = True
@@ -249,7 +222,7 @@ class KafkaWriter:
                 time.sleep(_POLL_INTERVAL)
 
     def _poll_failed(self, exc: KafkaException) -> None:
-        err = _fatal(exc)
+        err = fatal_error(exc)
         if err is not None:
             self.request_rebuild(err.str())  # poll() raises while the producer is fatal
         else:
@@ -267,7 +240,7 @@ class KafkaWriter:
             self._resend()
 
     def _rebuild(self) -> None:
-        epochs = _Epochs(self)
+        epochs = _Epochs(self.request_rebuild)
         new = self._new_producer(epochs)
         with self._swap_lock:
             old, self.producer = self.producer, new
@@ -349,12 +322,12 @@ class KafkaWriter:
                 self._retry.appendleft(item)  # full: the next round
                 return
             except KafkaException as exc:
-                err = _fatal(exc)
+                err = fatal_error(exc)
                 if err is not None:
                     self.request_rebuild(err.str())
                     self._retry.appendleft(item)
                     return
-                if _code(exc) in _TOPIC_LOST:
+                if code_of(exc) in TOPIC_MISSING:
                     self._missing.setdefault(item.topic, now + _ENSURE_INTERVAL)
                     self._retry.append(item)
                     continue
@@ -397,17 +370,12 @@ class KafkaWriter:
         self.published += 1
 
     def _publish_chunked(self, name: str, data: bytes, limit: int) -> None:
-        size = limit - CHUNK_STRUCT.size - len(CHUNK_HEADER) - 64
-        count = -(-len(data) // size)
-        frame_id = self._frame_prefix + next(self._frame_seq).to_bytes(8, "big")
+        frame_id = self._frame_ids.next()
         key = self._key or frame_id
-        view = memoryview(data)
         # One frame's chunks stay contiguous among this producer's frames, which
         # lets the consumer drop a frame whose producer moved on without finishing.
         with self._chunk_lock:
-            for index in range(count):
-                headers = [(CHUNK_HEADER, CHUNK_STRUCT.pack(frame_id, index, count))]
-                chunk = bytes(view[index * size : (index + 1) * size])
+            for chunk, headers in split(data, limit, frame_id):
                 self._produce(name, chunk, key, headers)
         self.chunked_frames += 1
 
@@ -429,11 +397,11 @@ class KafkaWriter:
             except BufferError:
                 why = "buffer full: the broker is unreachable or slower than the publishers"
             except KafkaException as exc:
-                err = _fatal(exc)
+                err = fatal_error(exc)
                 if err is not None:
                     self.request_rebuild(err.str())  # the report thread replaces it
                     why = "the producer is being replaced"
-                elif _code(exc) in _TOPIC_LOST:
+                elif code_of(exc) in TOPIC_MISSING:
                     self._missing.setdefault(name, 0.0)  # the report thread creates it
                     why = "the topic is missing and being created again"
                 else:

@@ -1,4 +1,4 @@
-"""The Kafka receiving side (not public API).
+"""The Kafka receiving side: :class:`Subscriber`.
 
 One librdkafka consumer per backend, owned by one reader thread: every call on
 it (subscribe, assign, commit, seek, close) runs on that thread, so no
@@ -10,18 +10,20 @@ confluent-kafka object is shared between threads. Other threads post commands.
   owns a partition later starts from the same place.
 * Without one, the instance assigns itself every partition (no group: each
   subscriber gets everything) and commits nothing.
-* Messages go to the :class:`~._core.ReceiveQueue` only while it has room; when
+* Messages go to the :class:`~.._core.ReceiveQueue` only while it has room; when
   it is full the partitions are paused (backpressure, nothing dropped).
 * Offsets are committed only for messages the application acknowledged
-  (see :meth:`KafkaReader.ack`): every second, on revocation and on close.
-* Frames split by the publisher (``msight.chunk`` header) are reassembled; the
+  (see :meth:`Subscriber.ack`): every second, on revocation and on close.
+* Frames split by the publisher (:mod:`.chunks`) are reassembled; the
   committed offset never passes the first chunk of an unfinished frame.
+* Each assignment of a partition gets a new generation, carried in the
+  delivery's token: :meth:`Subscriber.current` tells the backend that a queued
+  delivery's partition was revoked or rewound since, so it is not handed out.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections import deque
@@ -38,24 +40,21 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from ..config import KafkaConfig
-from ..errors import BrokerUnavailableError, ConfigError, MsightError
-from ._core import Delivery, ReceiveQueue
-from ._kafka_conf import CHUNK_HEADER, CHUNK_STRUCT, consumer_conf, translate, unique_group_id
+from ...config import KafkaConfig
+from ...errors import BrokerUnavailableError, ConfigError, MsightError
+from .._core import Delivery, ReceiveQueue
+from .chunks import CHUNK_HEADER, Reassembler
+from .errors import TOPIC_MISSING, translate
+from .settings import consumer_conf, unique_group_id
 
-__all__ = ["KafkaReader"]
+__all__ = ["Subscriber"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
 _BATCH = 1000
 _COMMIT_INTERVAL = 1.0
-_FRAME_TIMEOUT = 60.0
-_IGNORED = {
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._UNKNOWN_TOPIC,
-    KafkaError._UNKNOWN_PARTITION,
-    KafkaError._PARTITION_EOF,
-}
+# Topics may appear after subscribe(): their absence is no outage.
+_IGNORED = TOPIC_MISSING | {KafkaError._PARTITION_EOF}
 
 TP = tuple  # (topic, partition)
 
@@ -64,18 +63,16 @@ def key_of(tp: TopicPartition) -> TP:
     return (tp.topic, tp.partition)
 
 
-class _Frame:
-    __slots__ = ("count", "first", "parts", "started")
+class Subscriber:
+    """Consumer thread feeding a :class:`ReceiveQueue`.
 
-    def __init__(self, first: int, count: int) -> None:
-        self.first = first
-        self.parts: list[bytes] = []
-        self.count = count
-        self.started = time.monotonic()
+    Args:
+        config: the backend's settings (``group_id`` decides group or broadcast).
+        queue: where deliveries go; the backend's ``listen()`` reads it.
 
-
-class KafkaReader:
-    """Consumer thread feeding a :class:`ReceiveQueue`."""
+    ``ack()`` and ``current()`` are cheap and callable from any thread; the other
+    calls block until the reader thread has done the work.
+    """
 
     def __init__(self, config: KafkaConfig, queue: ReceiveQueue) -> None:
         self.config = config
@@ -97,7 +94,7 @@ class KafkaReader:
         self._assign_count = 0
         self._ack_lock = threading.Lock()
         self._acked: dict[TP, int] = {}
-        self._frames: dict[TP, dict[bytes, _Frame]] = {}
+        self._chunks = Reassembler()
         self._leftover: deque[Delivery] = deque()
         self._paused = False
         self._stop = False
@@ -105,10 +102,14 @@ class KafkaReader:
         self._last_pending_check = 0.0
         self._last_evict = 0.0
         self._outage_logged = False
-        self.incomplete_frames_dropped = 0
         self.rebalances = 0
         self._thread = threading.Thread(target=self._run, name="msight-kafka-reader", daemon=True)
         self._thread.start()
+
+    @property
+    def incomplete_frames_dropped(self) -> int:
+        """Split frames given up unfinished (a chunk missing, or too late)."""
+        return self._chunks.dropped
 
     # -- caller side ------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class KafkaReader:
             while not self._stop:
                 self._run_commands()
                 if self._leftover:
-                    self._push()
+                    self.queue.offer(self._leftover)
                 if self._leftover:
                     if not self._paused:
                         self._pause(True)
@@ -210,7 +211,7 @@ class KafkaReader:
                     batch = [msg]
                     batch.extend(consumer.consume(_BATCH - 1, 0))
                     self._handle(batch)
-                    self._push()
+                    self.queue.offer(self._leftover)
                 self._housekeeping()
         except Exception as exc:  # the thread must report, never die silently
             logger.exception("Kafka reader failed")
@@ -237,9 +238,9 @@ class KafkaReader:
             self._last_pending_check = now
             for name in list(self._pending):
                 self._assign_all(name)
-        if self._frames and now - self._last_evict >= 1.0:
+        if self._chunks.partial and now - self._last_evict >= 1.0:
             self._last_evict = now
-            self._evict_stale_frames(now)
+            self._chunks.evict(now)
 
     def _on_error(self, err: Any) -> None:
         if err.code() in _IGNORED:
@@ -355,7 +356,7 @@ class KafkaReader:
         with self._cond:
             for key in keys:
                 self._gen.pop(key, None)
-                self._frames.pop(key, None)
+            self._chunks.forget(keys)
             self._cond.notify_all()
         with self._ack_lock:
             for key in keys:
@@ -394,7 +395,7 @@ class KafkaReader:
     # -- messages ---------------------------------------------------------------------------
 
     def _handle(self, msgs: list[Any]) -> None:
-        if not self.grouped and not self._frames:
+        if not self.grouped and not self._chunks.partial:
             # Hot path for broadcast subscribers: plain records need no offsets.
             append = self._leftover.append
             for index, m in enumerate(msgs):
@@ -409,7 +410,8 @@ class KafkaReader:
         gens = self._gen
         out = self._leftover
         grouped = self.grouped
-        all_frames = self._frames
+        chunks = self._chunks
+        partial = chunks.partial
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -428,87 +430,16 @@ class KafkaReader:
             if headers is not None:
                 chunk = next((v for k, v in headers if k == CHUNK_HEADER), None)
                 if chunk is not None:
-                    data = self._reassemble(key, offset, chunk, data)
+                    data = chunks.add(key, offset, chunk, data)
                     if data is None:
                         continue
-            frames = all_frames.get(key) if all_frames else None
-            safe = min(f.first for f in frames.values()) if frames else offset + 1
+            safe = chunks.first_offset(key, offset + 1) if partial else offset + 1
             if data is None:
                 data = b""
             # Only group members commit, so only their deliveries carry a token.
             out.append(Delivery(topic, data, (part, safe, gen) if grouped else None))
         if self._outage_logged and msgs:
             self._outage_logged = False
-
-    def _reassemble(self, key: TP, offset: int, header: bytes, data: Any) -> bytes | None:
-        try:
-            frame_id, index, count = CHUNK_STRUCT.unpack(header)
-        except struct.error:
-            logger.warning(
-                "malformed %s header on %s offset %d: skipped", CHUNK_HEADER, key, offset
-            )
-            return None
-        frames = self._frames.setdefault(key, {})
-        frame = frames.get(frame_id)
-        if index == 0:
-            prefix = frame_id[:8]
-            for old_id in [f for f in frames if f[:8] == prefix]:
-                # The same publisher started another frame: that one will not finish.
-                del frames[old_id]
-                self._dropped_frame(key, "its publisher started a new frame")
-            frame = frames[frame_id] = _Frame(offset, count)
-        elif frame is None or index != len(frame.parts) or count != frame.count:
-            if frame is not None:
-                del frames[frame_id]
-                self._dropped_frame(key, "a chunk is missing")
-            if not frames:
-                self._frames.pop(key, None)
-            return None  # started mid-frame (e.g. "latest" or a replay): skip
-        frame.parts.append(data or b"")
-        if len(frame.parts) < count:
-            return None
-        del frames[frame_id]
-        if not frames:
-            self._frames.pop(key, None)
-        return b"".join(frame.parts)
-
-    def _dropped_frame(self, key: TP, why: str) -> None:
-        self.incomplete_frames_dropped += 1
-        logger.warning("dropped an incomplete split frame on %s partition %d: %s", *key, why)
-
-    def _evict_stale_frames(self, now: float) -> None:
-        for key, frames in list(self._frames.items()):
-            for frame_id, frame in list(frames.items()):
-                if now - frame.started > _FRAME_TIMEOUT:
-                    del frames[frame_id]
-                    self._dropped_frame(key, f"no chunk for {_FRAME_TIMEOUT:g}s")
-            if not frames:
-                del self._frames[key]
-
-    def _push(self) -> None:
-        """Move leftovers into the receive queue while it has room (never drops)."""
-        queue = self.queue
-        cfg = queue.config
-        left = self._leftover
-        count = len(queue)
-        nbytes = queue.nbytes
-        room = cfg.max_messages - count
-        if room >= len(left):
-            total = sum(len(d.data) for d in left)
-            if nbytes + total <= cfg.max_bytes or count == 0 and len(left) == 1:
-                queue.put_many(left)
-                left.clear()
-                return
-        batch = []
-        while left and count < cfg.max_messages:
-            size = len(left[0].data)
-            if count and nbytes + size > cfg.max_bytes:
-                break
-            batch.append(left.popleft())
-            count += 1
-            nbytes += size
-        if batch:
-            queue.put_many(batch)
 
     def _pause(self, pause: bool) -> None:
         parts = [TopicPartition(t, p) for t, p in self._gen]

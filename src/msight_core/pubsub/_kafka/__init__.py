@@ -1,0 +1,38 @@
+"""The Kafka backend's machinery (private: only ``pubsub/kafka.py`` and tests import it).
+
+Built on confluent-kafka (librdkafka); importing this package without it raises
+:class:`~msight_core.errors.MissingDependencyError` with the install hint.
+
+``settings``
+    librdkafka property dicts for producer, consumer and admin clients (built on
+    :func:`msight_core.config.kafka_client_conf`), the delivery timeout, consumer
+    group ids, and the filter that keeps librdkafka's reconnect noise off ERROR.
+``errors``
+    :func:`~.errors.translate`: ``KafkaError``/``KafkaException`` to the msight
+    error tree, once, at the backend's boundary.
+``admin``
+    :class:`~.admin.TopicAdmin`: creates missing topics, learns each topic's
+    ``max.message.bytes``.
+``chunks``
+    The wire format of frames split to fit a topic's limit (``msight.chunk``
+    header), the splitter and the :class:`~.chunks.Reassembler`.
+``publisher``
+    :class:`~.publisher.Publisher`: the producer, its delivery-report thread and
+    recovery (replaced producers, vanished topics).
+``subscriber``
+    :class:`~.subscriber.Subscriber`: the consumer thread feeding the receive
+    queue, assignment, pausing, offsets committed only for processed messages.
+
+Nothing here touches a private attribute of confluent-kafka, so there is no
+``internals.py``. (``KafkaError._TRANSPORT`` and its kin are librdkafka's local
+error codes, public constants despite the underscore.)
+"""
+
+from __future__ import annotations
+
+try:
+    import confluent_kafka  # noqa: F401 - fail here, with the hint, before any submodule
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    from ...errors import MissingDependencyError
+
+    raise MissingDependencyError("confluent-kafka", "kafka") from exc
