@@ -3,7 +3,12 @@
 A topic name must be portable across Redis channels, NATS subjects and Kafka
 topics, so that switching ``MSIGHT_PUBSUB_BACKEND`` never breaks a deployment:
 1 to 249 characters of ``A-Za-z0-9._-``, with no empty token between dots
-(Kafka's limit on length and characters, NATS's rule on tokens).
+(Kafka's limit on length and characters, NATS's rule on tokens). Names under
+:data:`RESERVED_TOPIC_PREFIXES` (``_msight.``, where the NATS backend sends large
+frames, and ``_INBOX.``, NATS's reply subjects) are refused: a user topic there
+would let a publisher forge internal traffic or read other clients' replies.
+Like NATS subjects, the prefixes are case-sensitive (``_inbox.x`` is a user topic).
+The backends address their internal subjects directly, never through this check.
 
 The topic registry lives in Redis as msight-core 2.x keeps it: one hash,
 ``MSIGHT:TOPICS``, field = topic name, value = JSON
@@ -35,6 +40,7 @@ from .errors import (
 __all__ = [
     "MAX_TOPIC_LENGTH",
     "REDIS_TOPICS_KEY",
+    "RESERVED_TOPIC_PREFIXES",
     "Topic",
     "get_topic",
     "list_topics",
@@ -49,6 +55,8 @@ REDIS_TOPICS_KEY = "MSIGHT:TOPICS"
 REDIS_TOPICS_FIELD = REDIS_TOPICS_KEY
 
 MAX_TOPIC_LENGTH = 249
+#: Name prefixes kept for msight's and NATS's own subjects (case-sensitive, as in NATS).
+RESERVED_TOPIC_PREFIXES = ("_msight.", "_INBOX.")
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 
@@ -56,7 +64,8 @@ def validate_topic_name(name: str) -> str:
     """Return ``name`` if it is portable across all brokers.
 
     Raises:
-        InvalidTopicError: the name is empty, too long, or has other characters.
+        InvalidTopicError: the name is empty, too long, has other characters, or
+            starts with a reserved prefix (:data:`RESERVED_TOPIC_PREFIXES`).
     """
     if not isinstance(name, str):
         raise InvalidTopicError(f"topic name must be a str, got {type(name).__name__}")
@@ -69,6 +78,12 @@ def validate_topic_name(name: str) -> str:
         raise InvalidTopicError(
             f"topic name {shown!r} is not portable: use A-Za-z0-9._- "
             "with no empty token between dots"
+        )
+    if name.startswith(RESERVED_TOPIC_PREFIXES):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise InvalidTopicError(
+            f"topic name {shown!r} is reserved: names starting with "
+            f"{' or '.join(RESERVED_TOPIC_PREFIXES)} are msight's and NATS's own subjects"
         )
     return name
 

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
+from msight_core.cli.tools import describe_payload, escape_control
 from msight_core.testing.brokers import free_port
+
+# What a hostile publisher puts in a name: retitle the terminal, ring, clear the screen.
+EVIL = "\x1b]0;owned\x07\x1b[2J"
+CONTROLS = ("\x1b", "\x07", "\x9b", "\u202e")
 
 
 @pytest.mark.timeout(120)
@@ -142,3 +147,59 @@ def test_missing_extra_is_a_one_line_hint(cli: Any, nats_server: Any, unique_top
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "pip install 'msight-core[nats]'" in lines[0]
+
+
+def test_escape_control_keeps_printable_text_and_escapes_the_rest() -> None:
+    assert escape_control("camera 1 / é ✓ \\path") == "camera 1 / é ✓ \\path"
+    assert escape_control(EVIL) == "\\x1b]0;owned\\x07\\x1b[2J"
+    escaped = escape_control("a\x9b31mb\u202ec\nd\te\x7f")  # C1 CSI, bidi override, DEL
+    assert escaped == "a\\x9b31mb\\u202ec\\nd\\te\\x7f"
+    assert escape_control("x" * 500, limit=10) == "x" * 10 + "..."
+
+
+def test_describe_payload_escapes_what_the_sender_wrote() -> None:
+    """Issue 15 row 3: ``msight sub`` printed ``sensor_name`` raw."""
+    from msight_core.data import ImageData, SensorData
+
+    lines = [
+        describe_payload(SensorData(sensor_name=EVIL).serialize()),
+        describe_payload(ImageData(b"x", format="jp\x9beg", sensor_name="a" * 10_000).serialize()),
+        describe_payload(b"plain \x1b[2J text"),
+    ]
+    for line in lines:
+        assert not any(c in line for c in CONTROLS), repr(line)
+    assert "sensor=\\x1b]0;owned\\x07" in lines[0]
+    assert len(lines[1]) < 400
+
+
+@pytest.mark.timeout(60)
+def test_sub_escapes_what_a_raw_publisher_sends(
+    cli: Any, redis_server: Any, unique_topic: str
+) -> None:
+    """A plain redis-py client publishes names with escape sequences to ``msight sub``."""
+    from msight_core.config import load_redis_config
+    from msight_core.data import DetectionResult, ImageData, SensorData
+    from msight_core.utils import get_redis_client
+
+    env = cli.env(redis_server.env())
+    sub = cli.start("sub", unique_topic, "--count", "4", "--timeout", "30", env=env)
+    sub.wait_line("subscribed to", timeout=30, stream="err")
+    payloads = [
+        SensorData(sensor_name=EVIL, device_name=EVIL).serialize(),
+        ImageData(b"\xff\xd8", format="jpeg\x1b[31m", sensor_name="\u202ecam").serialize(),
+        DetectionResult(sensor_name="\x9b2J", class_names=[EVIL]).serialize(),
+        EVIL.encode(),
+    ]
+    client = get_redis_client(load_redis_config(redis_server.env()), socket_timeout=5)
+    try:
+        for payload in payloads:
+            assert client.publish(unique_topic, payload) == 1
+    finally:
+        client.close()
+    assert sub.wait(30) == 0, sub.stderr
+    lines = sub.stdout.splitlines()
+    assert len(lines) == 4, lines
+    for line in lines:
+        assert not any(c in line for c in CONTROLS), repr(line)
+    assert lines[0].startswith("SensorData sensor=\\x1b]0;owned\\x07\\x1b[2J ")
+    assert "image=jpeg\\x1b[31m 2 bytes" in lines[1]

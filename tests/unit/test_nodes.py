@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -211,6 +212,61 @@ def test_continue_policy_logs_counts_and_goes_on(
     assert len(det.errors) == 4
     assert "cannot process frame 2" in caplog.text
     assert det.status is NodeStatus.RUNNING
+
+
+@dataclass(eq=False)
+class Fragile(SensorData, tag="test_nodes.fragile"):
+    """A type whose latency cannot be computed: stands for any failure after process()."""
+
+    def age(self, now: float | None = None) -> float:
+        raise RuntimeError("no clock for this frame")
+
+
+def test_a_hostile_message_costs_that_message_only(
+    broker: MemoryBroker, threads: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15 row 3: decode, latency and statistics are under the error policy."""
+    from msight_core.data._codec import pack
+
+    sink = Collector(
+        cfg("sink", subscribe_topic_name="in", action_on_error="continue"), mem(broker)
+    )
+    threads.append((sink, spin_in_thread(sink)))
+    assert sink.ready.wait(TIMEOUT)
+    pub = mem(broker)
+    evil = pack("SensorData", {"sensor_name": "cam", "capture_timestamp": "evil"}, [])
+    pub.publish("in", evil)  # used to pass decoding, then stop the node in age()
+    pub.publish("in", Fragile(sensor_name="cam").serialize())  # age() raises after process()
+    pub.publish("in", SensorData(sensor_name="nan", capture_timestamp=float("nan")).serialize())
+    pub.publish("in", SensorData(sensor_name="good").serialize())
+    wait_for(lambda: sink.stats.snapshot()["received"] == 4)
+    wait_for(lambda: [d.sensor_name for d in sink.items][-1:] == ["good"])
+    snap = sink.stats.snapshot()
+    assert snap["errors"] == 2 and sink.status is NodeStatus.RUNNING
+    assert "capture_timestamp is a str" in caplog.text
+    # A NaN capture time is handled but kept out of the latency figures.
+    assert snap["latency_avg_total"] is not None and snap["latency_avg_total"] >= 0
+
+
+def test_undecodable_message_never_stops_a_node_even_with_stop_policy(
+    broker: MemoryBroker, threads: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer's bytes that do not decode cost that message only, whatever the policy:
+    "stop" is for this node's own errors, not for what anyone can publish."""
+    from msight_core.data._codec import pack
+
+    sink = Collector(cfg("sink", subscribe_topic_name="in"), mem(broker))
+    assert sink.error_policy is ErrorPolicy.STOP
+    threads.append((sink, spin_in_thread(sink)))
+    assert sink.ready.wait(TIMEOUT)
+    pub = mem(broker)
+    pub.publish("in", b"not a message at all")
+    pub.publish("in", pack("SensorData", {"sensor_name": "cam", "capture_timestamp": "x"}, []))
+    pub.publish("in", SensorData(sensor_name="good").serialize())
+    wait_for(lambda: [d.sensor_name for d in sink.items] == ["good"])
+    assert sink.status is NodeStatus.RUNNING
+    assert sink.stats.snapshot()["errors"] == 2
+    assert "does not decode" in caplog.text
 
 
 def test_stop_policy_shuts_down_and_reraises(broker: MemoryBroker) -> None:

@@ -19,7 +19,13 @@ from msight_core.errors import (
     TopicNotFoundError,
 )
 from msight_core.testing.brokers import free_port
-from msight_core.topics import REDIS_TOPICS_KEY, Topic, get_topic, list_topics
+from msight_core.topics import (
+    REDIS_TOPICS_KEY,
+    Topic,
+    get_topic,
+    list_topics,
+    validate_topic_name,
+)
 from msight_core.utils import get_redis_client
 
 
@@ -137,3 +143,62 @@ def test_unreachable_redis_raises_broker_error() -> None:
     c = get_redis_client(config)
     with pytest.raises(BrokerUnavailableError):
         get_topic(c, "some.topic")
+
+
+RESERVED = ["_msight.large.x", "_msight.large.abc123", "_INBOX.x", "_INBOX.msight1.2"]
+
+
+@pytest.mark.parametrize("name", RESERVED)
+def test_reserved_prefixes_are_not_user_topics(name: str) -> None:
+    """Issue 15 row 12: the NATS backend's own subjects are not user topics."""
+    with pytest.raises(InvalidTopicError, match="reserved"):
+        validate_topic_name(name)
+    with pytest.raises(InvalidTopicError, match="reserved"):
+        Topic(name)
+    from msight_core.pubsub import get_pubsub
+
+    with get_pubsub(env={"MSIGHT_PUBSUB_BACKEND": "memory"}) as backend:
+        with pytest.raises(InvalidTopicError):
+            backend.subscribe(name)
+        with pytest.raises(InvalidTopicError):
+            backend.publish(name, b"x")
+
+
+@pytest.mark.parametrize("name", ["_inbox.x", "_INBOX", "_msight", "_msightx.a", "a._INBOX.x"])
+def test_names_near_the_reserved_prefixes_stay_valid(name: str) -> None:
+    # Case-sensitive, as NATS subjects are; only the two prefixes are taken.
+    assert validate_topic_name(name) == name
+
+
+def test_reserved_names_in_the_registry_are_skipped(
+    client: Any, unique_topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = {"name": "_INBOX.x", "description": None, "data_type": "SensorData"}
+    client.hset(REDIS_TOPICS_KEY, "_INBOX.x", json.dumps(entry))
+    try:
+        assert "_INBOX.x" not in list_topics(client)
+        assert "reserved" in caplog.text
+    finally:
+        client.hdel(REDIS_TOPICS_KEY, "_INBOX.x")
+
+
+@pytest.mark.timeout(120)
+def test_reserved_names_on_nats_while_its_own_subjects_still_work(
+    nats_server: Any, unique_topic: str
+) -> None:
+    """Large frames travel on _msight.large.* and replies on _INBOX.*: not user topics."""
+    pytest.importorskip("nats")
+    from msight_core.pubsub import get_pubsub
+
+    with get_pubsub(env=nats_server.env()) as backend:
+        for name in RESERVED:
+            with pytest.raises(InvalidTopicError):
+                backend.subscribe(name)
+            with pytest.raises(InvalidTopicError):
+                backend.publish(name, b"x")
+        backend.subscribe(unique_topic)
+        frame = bytes(range(256)) * (3 * 4096)  # 3 MiB: above the 1 MB max_payload
+        backend.publish(unique_topic, frame)
+        backend.flush(30)
+        message = backend.receive(60)
+        assert message is not None and message.data == frame

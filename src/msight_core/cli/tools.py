@@ -1,4 +1,11 @@
-"""``msight broker``, ``msight pub`` and ``msight sub``."""
+"""``msight broker``, ``msight pub`` and ``msight sub``.
+
+What ``msight sub`` prints comes from whoever could publish on the topic: every
+received string goes through :func:`escape_control` before it reaches the
+terminal, so a payload cannot send escape sequences (retitle the window, clear
+the screen, move the cursor). ``--raw`` is the exception: it writes the bytes
+unchanged, for pipes and files.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,27 @@ from ..pubsub import get_pubsub
 from ..topics import topic_name
 from .common import CliError, Target, fmt_bytes, start_embedded
 
-__all__ = ["describe_payload", "run_broker", "run_pub", "run_sub"]
+__all__ = ["describe_payload", "escape_control", "run_broker", "run_pub", "run_sub"]
+
+_FIELD_LIMIT = 120  # characters of one received name shown in a summary line
+
+
+def escape_control(text: str, limit: int | None = None) -> str:
+    """``text`` made safe for a terminal: non-printable characters become escapes.
+
+    Control characters (C0 such as ESC and BEL, DEL, C1 such as CSI), line
+    separators, bidi overrides and other format characters are written as
+    ``\\x1b``, ``\\u202e`` ...; everything printable is kept as it is.
+
+    Args:
+        text: received content.
+        limit: cut to this many characters (plus ``...``) first; ``None`` keeps all.
+    """
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -136,7 +163,7 @@ def run_sub(
             if directory is not None:
                 path = directory / f"{message.topic}.{received:06d}.bin"
                 path.write_bytes(message.data)
-                out.write(f"{path}\n")
+                out.write(f"{escape_control(str(path))}\n")
             elif raw:
                 out.flush()
                 sys.stdout.buffer.write(message.data + b"\n")
@@ -156,7 +183,10 @@ def run_sub(
 
 
 def describe_payload(data: bytes) -> str:
-    """One printable line for a payload: an msight Data summary, text, or a hex preview."""
+    """One printable line for a payload: an msight Data summary, text, or a hex preview.
+
+    Nothing received reaches the line unescaped (see :func:`escape_control`).
+    """
     summary = _describe_data(data)
     if summary is not None:
         return summary
@@ -165,7 +195,7 @@ def describe_payload(data: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and text.isprintable():
-        return text
+        return escape_control(text)  # printable already: kept whole and unchanged
     preview = data[:24].hex(" ")
     more = " ..." if len(data) > 24 else ""
     return f"<{len(data)} bytes: {preview}{more}>"
@@ -192,4 +222,5 @@ def _describe_data(data: bytes) -> str | None:
     if isinstance(value, PointCloudData):
         parts.append(f"points={value.num_points}")
     parts.append(f"({fmt_bytes(len(data))})")
-    return " ".join(parts)
+    # Names and formats are the sender's strings: escaped, and cut to a line's worth.
+    return " ".join(escape_control(part, _FIELD_LIMIT) for part in parts)

@@ -25,6 +25,23 @@ Big payloads are never copied into the metadata: serialization joins the header
 and the buffers in one pass (one copy of each array), and deserialization hands
 back ``np.frombuffer`` views over the received bytes (no copy). The CRC protects
 the header and metadata; array contents are not checksummed (the transport's job).
+
+Decoding treats the message as hostile (any process that can publish can send one):
+
+- Decoding a message of N bytes never allocates more than a small constant times
+  N plus a fixed bound. Every length, size, count and index read from the message
+  (``tag_len``, ``meta_len``, ``n_buffers``, table offsets and lengths, buffer
+  references, array shapes) is checked against the bytes actually present before
+  anything is allocated for it.
+- Each buffer is referenced at most once by the metadata: ``{"$b": i}`` copies its
+  buffer into a ``bytes``, so a buffer referenced many times would multiply the
+  message; an ``{"$a": i}`` array is a view and never copies. A buffer no field
+  references (a field this version does not know) is skipped.
+- Plain JSON lists and objects are decoded in place, not rebuilt; ``{"$d": ...}``
+  keys whose hashes collide more than a few times are refused (Python's int and
+  tuple hashes are not randomized: colliding keys would make one dict cost
+  quadratic time).
+- Every problem is a :class:`~msight_core.errors.DeserializationError`.
 """
 
 from __future__ import annotations
@@ -33,24 +50,30 @@ import json
 import math
 import re
 import struct
+import sys
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import DeserializationError, SerializationError
 
-__all__ = ["ALIGN", "MAGIC", "VERSION", "Decoder", "Encoder", "pack", "unpack"]
+__all__ = ["ALIGN", "MAGIC", "VERSION", "Buffers", "Decoder", "Encoder", "pack", "unpack"]
 
 MAGIC = b"\x89MSD"
 VERSION = 1
 ALIGN = 64
 MAX_DEPTH = 64
 MAX_NDIM = 32
+#: Most keys of one ``$d`` dict that may share a hash value (see the module docstring).
+MAX_HASH_COLLISIONS = 8
 
 _HEAD = struct.Struct("<4sBBHII")  # first 16 bytes, before the CRC
 _CRC = struct.Struct("<I")
+_ENTRY = struct.Struct("<QQ")  # one buffer table entry: offset, length
+_EAGER_VIEWS = 64  # tables up to this long are returned as a list of views (fixed cost)
 _HEADER_SIZE = _HEAD.size + _CRC.size
 _ZEROS = bytes(ALIGN)
 
@@ -158,19 +181,55 @@ class Encoder:
         return self.value(k, where, depth)
 
 
+class Buffers(Sequence[memoryview]):
+    """The buffer table of a validated message: views made on demand, never stored.
+
+    A hostile table may hold up to N/16 entries; keeping a view per entry would cost
+    ~12 times the message. Entries are read with ``struct`` when asked for.
+    """
+
+    __slots__ = ("_mv", "_n", "_table")
+
+    def __init__(self, mv: memoryview, table: int, n: int) -> None:
+        self._mv, self._table, self._n = mv, table, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError("buffer index out of range")
+        offset, length = _ENTRY.unpack_from(self._mv, self._table + 16 * (index % self._n))
+        return self._mv[offset : offset + length]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        return (self[i] for i in range(self._n))
+
+
 class Decoder:
-    """Rebuilds values from metadata over the message's buffers (zero-copy arrays)."""
+    """Rebuilds values from metadata over the message's buffers (zero-copy arrays).
 
-    __slots__ = ("_build", "views")
+    Lists and str-keyed dicts of the metadata are reused (their items replaced in
+    place), so a decoded value costs no more than the parsed JSON it came from.
+    """
 
-    def __init__(self, views: list[memoryview], build: Callable[[str, Any, int], Any]) -> None:
+    __slots__ = ("_build", "_count", "_used", "views")
+
+    def __init__(self, views: Sequence[memoryview], build: Callable[[str, Any, int], Any]) -> None:
         # build(tag, encoded_fields, depth) -> Data instance for a nested "$D" value.
         self.views = views
         self._build = build
+        self._count = len(views)
+        self._used = bytearray(self._count)  # at most N/16 bytes: one flag per buffer
 
     def _view(self, index: Any) -> memoryview:
-        if type(index) is not int or not 0 <= index < len(self.views):
+        if type(index) is not int or not 0 <= index < self._count:
             raise DeserializationError(f"buffer reference {index!r} out of range")
+        if self._used[index]:
+            raise DeserializationError(f"buffer {index} is referenced more than once")
+        self._used[index] = 1
         return self.views[index]
 
     def value(self, v: Any, depth: int) -> Any:
@@ -178,14 +237,20 @@ class Decoder:
         if t is list:
             if depth > MAX_DEPTH:
                 raise DeserializationError(f"nested deeper than {MAX_DEPTH} levels")
-            return [self.value(x, depth + 1) for x in v]
+            for i, x in enumerate(v):
+                if type(x) is list or type(x) is dict:
+                    v[i] = self.value(x, depth + 1)
+            return v
         if t is not dict:
             return v  # str, int, float, bool, None: json.loads produces nothing else
         if depth > MAX_DEPTH:
             raise DeserializationError(f"nested deeper than {MAX_DEPTH} levels")
         marker = next((k for k in v if k.startswith("$")), None)
         if marker is None:
-            return {k: self.value(x, depth + 1) for k, x in v.items()}
+            for k, x in v.items():  # replacing values while iterating is allowed
+                if type(x) is list or type(x) is dict:
+                    v[k] = self.value(x, depth + 1)
+            return v
         if marker not in _MARKERS:
             raise DeserializationError(f"unknown value marker {marker[:20]!r}")
         if marker == "$a":
@@ -198,33 +263,14 @@ class Decoder:
             items = v["$t"]
             if type(items) is not list:
                 raise DeserializationError("tuple value is not a list")
-            return tuple(self.value(x, depth + 1) for x in items)
+            for i, x in enumerate(items):
+                if type(x) is list or type(x) is dict:
+                    items[i] = self.value(x, depth + 1)
+            return tuple(items)
         if marker == "$d":
-            self._keys(v, {"$d"})
-            pairs = v["$d"]
-            if type(pairs) is not list:
-                raise DeserializationError("dict value is not a list of pairs")
-            out = {}
-            for pair in pairs:
-                if type(pair) is not list or len(pair) != 2:
-                    raise DeserializationError("dict entry is not a [key, value] pair")
-                key = self.value(pair[0], depth + 1)
-                try:
-                    out[key] = self.value(pair[1], depth + 1)
-                except TypeError:
-                    raise DeserializationError("unhashable dict key") from None
-            return out
+            return self._dict(v, depth)
         if marker == "$g":
-            self._keys(v, {"$g", "v"})
-            dtype = _parse_dtype(v["$g"])
-            item = v["v"]
-            if dtype.kind == "c":
-                if type(item) is not list or len(item) != 2:
-                    raise DeserializationError("complex scalar is not [real, imag]")
-                item = complex(float(item[0]), float(item[1]))
-            elif type(item) not in (int, float, bool):
-                raise DeserializationError("numpy scalar value is not a number")
-            return dtype.type(item)
+            return self._scalar(v)
         self._keys(v, {"$D", "f"})
         tag = v["$D"]
         if type(tag) is not str:
@@ -236,18 +282,63 @@ class Decoder:
         if v.keys() != expected:
             raise DeserializationError(f"malformed {min(expected)} value")
 
+    def _dict(self, v: dict[str, Any], depth: int) -> dict[Any, Any]:
+        self._keys(v, {"$d"})
+        pairs = v["$d"]
+        if type(pairs) is not list:
+            raise DeserializationError("dict value is not a list of pairs")
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise DeserializationError("dict entry is not a [key, value] pair")
+            pair[0] = self.value(pair[0], depth + 1)
+        try:
+            # Counting hash values is linear: they are distinct ints unless they collide.
+            hashes = Counter(hash(pair[0]) for pair in pairs)
+        except TypeError:
+            raise DeserializationError("unhashable dict key") from None
+        if hashes and max(hashes.values()) > MAX_HASH_COLLISIONS:
+            raise DeserializationError(
+                f"more than {MAX_HASH_COLLISIONS} dict keys share one hash value"
+            )
+        return {pair[0]: self.value(pair[1], depth + 1) for pair in pairs}
+
+    @staticmethod
+    def _scalar(v: dict[str, Any]) -> Any:
+        Decoder._keys(v, {"$g", "v"})
+        dtype = _parse_dtype(v["$g"])
+        item = v["v"]
+        if dtype.kind == "c":
+            if (
+                type(item) is not list
+                or len(item) != 2
+                or any(type(x) not in (int, float) for x in item)
+            ):
+                raise DeserializationError("complex scalar is not [real, imag]")
+            item = complex(float(item[0]), float(item[1]))
+        elif type(item) not in (int, float, bool):
+            raise DeserializationError("numpy scalar value is not a number")
+        try:
+            return dtype.type(item)
+        except (OverflowError, ValueError, TypeError):
+            raise DeserializationError(f"numpy scalar value does not fit a {dtype}") from None
+
     def _array(self, v: dict[str, Any]) -> np.ndarray:
         self._keys(v, {"$a", "d", "s"})
-        view = self._view(v["$a"])
         dtype = _parse_dtype(v["d"])
         shape = v["s"]
         if (
             type(shape) is not list
             or len(shape) > MAX_NDIM
-            or any(type(n) is not int or n < 0 for n in shape)
+            or any(type(n) is not int or not 0 <= n <= sys.maxsize for n in shape)
         ):
             raise DeserializationError("array shape is not a list of non-negative ints")
-        if math.prod(shape) * dtype.itemsize != len(view):
+        view = self._view(v["$a"])
+        count = math.prod(shape)
+        # An empty array still has numpy's size limit on its other dimensions: a
+        # zero-length buffer must not carry (0, 2**62, 2**62) into reshape().
+        if count * dtype.itemsize != len(view) or (
+            count == 0 and math.prod(n for n in shape if n) * dtype.itemsize > sys.maxsize
+        ):
             raise DeserializationError(
                 f"array of shape {tuple(shape)} and dtype {dtype} does not match its "
                 f"{len(view)}-byte buffer"
@@ -255,7 +346,7 @@ class Decoder:
         return np.frombuffer(view, dtype=dtype).reshape(shape)
 
 
-def pack(tag: str, meta: dict[str, Any], buffers: list[memoryview]) -> bytes:
+def pack(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> bytes:
     """Build one message: a single allocation, each buffer copied once."""
     try:
         tag_b = tag.encode("utf-8")
@@ -288,8 +379,13 @@ def pack(tag: str, meta: dict[str, Any], buffers: list[memoryview]) -> bytes:
     return b"".join(parts)
 
 
-def unpack(data: Any) -> tuple[str, dict[str, Any], list[memoryview]]:
+def unpack(data: Any) -> tuple[str, dict[str, Any], Sequence[memoryview]]:
     """Validate a message and return (tag, metadata, buffer views).
+
+    Only the fixed header, the metadata and the table are read; the buffers are
+    checked to lie inside the message, in order, without overlapping. Up to
+    ``_EAGER_VIEWS`` buffers come as a list of views; a longer table as
+    :class:`Buffers`, which makes each view when it is asked for.
 
     Raises:
         TypeError: ``data`` is not bytes-like.
@@ -328,15 +424,15 @@ def unpack(data: Any) -> tuple[str, dict[str, Any], list[memoryview]]:
         raise DeserializationError(f"corrupted metadata: {exc}") from None
     if type(meta) is not dict:
         raise DeserializationError("metadata is not a JSON object")
-    entries = struct.unpack_from(f"<{2 * n_buf}Q", mv, meta_end)
-    views = []
+    eager = n_buf <= _EAGER_VIEWS
+    views: list[memoryview] = []
     end = table_end
-    for i in range(0, 2 * n_buf, 2):
-        offset, length = entries[i], entries[i + 1]
+    for offset, length in _ENTRY.iter_unpack(mv[meta_end:table_end]):
         if offset < end or offset + length > size:
             raise DeserializationError("buffer table points outside the message or overlaps")
         end = offset + length
-        views.append(mv[offset:end])
+        if eager:
+            views.append(mv[offset:end])
     if end != size:
         raise DeserializationError(f"message length {size} does not match its layout ({end} bytes)")
-    return tag, meta, views
+    return tag, meta, views if eager else Buffers(mv, meta_end, n_buf)

@@ -4,6 +4,14 @@ Every subclass registers itself under a type tag (its class name unless given
 ``tag=...``) when it is defined; :meth:`Data.deserialize` finds the class by that
 tag in the registry and nowhere else: nothing named in a message is ever
 imported, and nothing is unpickled.
+
+A message is untrusted. Decoding one of N bytes allocates at most a small constant
+times N plus a fixed bound, and every length, size, count or index it holds is
+checked against the bytes present before anything is allocated (see
+:mod:`msight_core.data._codec`). Every decoded field value is checked against the
+field's annotation before the class is built (:mod:`msight_core.data._fieldcheck`),
+then the class's ``__post_init__`` validates the rest. Whatever goes wrong is a
+:class:`~msight_core.errors.DeserializationError`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 
 from ..errors import DeserializationError, SerializationError
 from ._codec import Decoder, Encoder, pack, unpack
+from ._fieldcheck import Check, field_checks
 
 __all__ = ["Data", "SensorData", "generate_frame_id", "get_data_type", "registered_data_types"]
 
@@ -63,7 +72,7 @@ def registered_data_types() -> dict[str, type[Data]]:
 
 
 class _Schema:
-    __slots__ = ("init", "late")
+    __slots__ = ("_plan", "cls", "init", "late")
 
     def __init__(self, cls: type) -> None:
         own = inspect.get_annotations(cls)
@@ -75,8 +84,22 @@ class _Schema:
                 "with @dataclass (or @dataclass(eq=False) for array-aware ==)"
             )
         fs = dataclasses.fields(cls)
+        self.cls = cls
         self.init = [f.name for f in fs if f.init]
         self.late = [f.name for f in fs if not f.init]
+        self._plan: list[tuple[str, bool, Check | None, str]] | None = None
+
+    def plan(self) -> list[tuple[str, bool, Check | None, str]]:
+        """(name, is an __init__ argument, type check, expected type) of each field."""
+        # Resolved on first decode, not at class creation: annotations may name
+        # classes defined later in the module.
+        if self._plan is None:
+            checks = field_checks(self.cls, Data)
+            self._plan = [
+                (name, name in self.init, *checks.get(name, (None, "")))
+                for name in (*self.init, *self.late)
+            ]
+        return self._plan
 
 
 def _schema(cls: type) -> _Schema:
@@ -105,13 +128,23 @@ def _build(tag: str, encoded: Any, depth: int, decoder: Decoder, base: type = ob
         raise DeserializationError(f"the message holds a {tag!r} value, not a {base.__name__}")
     if type(encoded) is not dict:
         raise DeserializationError(f"fields of {tag!r} are not a JSON object")
-    schema = _schema(cls)
-    # Fields the sender has and we do not are skipped: newer senders stay readable.
-    kwargs = {n: decoder.value(encoded[n], depth + 1) for n in schema.init if n in encoded}
-    obj = cls(**kwargs)
-    for name in schema.late:
+    kwargs: dict[str, Any] = {}
+    late: dict[str, Any] = {}
+    # Fields the sender has and we do not are never looked at (newer senders stay
+    # readable); fields we have and it does not keep their defaults.
+    for name, is_init, check, expected in _schema(cls).plan():
         if name in encoded:
-            object.__setattr__(obj, name, decoder.value(encoded[name], depth + 1))
+            value = encoded[name]
+            if type(value) is dict or type(value) is list:  # scalars decode to themselves
+                value = decoder.value(value, depth + 1)
+            if check is not None and not check(value):
+                raise DeserializationError(
+                    f"{tag[:80]}.{name} is a {type(value).__name__}, expected {expected}"
+                )
+            (kwargs if is_init else late)[name] = value
+    obj = cls(**kwargs)
+    for name, value in late.items():
+        object.__setattr__(obj, name, value)
     return obj
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -73,6 +74,10 @@ class NodeStats:
 
     def processed(self, seconds: float, latency: float | None) -> None:
         """One message (or frame) handled in ``seconds``; ``latency`` since capture."""
+        # A non-finite latency (a peer's NaN or inf capture timestamp) would poison
+        # the averages for good: it is not counted. Checked before anything changes.
+        if latency is not None and not math.isfinite(latency):
+            latency = None
         with self._lock:
             for w in self._both():
                 w.processed += 1

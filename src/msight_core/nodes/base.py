@@ -9,9 +9,15 @@ passed in. :meth:`Node.spin` runs the loop in the calling thread:
   cleanly: the message in hand is finished, pending publishes are flushed and the
   backend is closed (which commits Kafka offsets); ``spin()`` then returns, so a
   script exits with code 0. A second signal interrupts at once.
-- An exception while producing, decoding, processing or publishing follows
-  ``action_on_error``: ``"continue"`` logs and counts it, ``"stop"`` logs it,
-  shuts down cleanly and re-raises it from ``spin()``.
+- A received message that does not decode (a
+  :class:`~msight_core.errors.DeserializationError`: a peer's malformed or
+  hostile bytes) costs that message only, whatever the policy: it is counted as
+  an error, handed to ``on_error`` and logged, and the node goes on.
+- An exception while producing, processing or publishing (this node's own code)
+  follows ``action_on_error``: ``"continue"`` logs and counts it, ``"stop"`` logs
+  it, shuts down cleanly and re-raises it from ``spin()``. The policy covers
+  everything done with a received message (latency, statistics, the hooks,
+  processing, publishing the result).
 - Statistics (counts, rates, processing time, latency from the capture
   timestamp) are logged as one line every ``stats_interval`` seconds.
 """
@@ -26,7 +32,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from ..data import Data, SensorData, get_data_type
-from ..errors import BrokerError, ClosedError, ConfigError
+from ..errors import BrokerError, ClosedError, ConfigError, DeserializationError
 from ..pubsub import PubSubBackend, get_pubsub
 from ..topics import Topic, get_topic
 from ._config import ErrorPolicy, NodeConfig, NodeStatus
@@ -299,6 +305,23 @@ class Node:
             return True
         return False
 
+    def _rejected(self, exc: DeserializationError) -> None:
+        """A received message that is not a valid message of the expected type.
+
+        It comes from a peer, not from this node's code: whatever the error
+        policy, it costs that message only (counted as an error, handed to
+        :meth:`on_error`, logged at most with one traceback per interval).
+        """
+        self.stats.error()
+        try:
+            self.on_error(exc)
+        except Exception:
+            self.logger.exception("on_error failed")
+        now = time.monotonic()
+        if now - self._last_traceback >= _TRACEBACK_INTERVAL:
+            self._last_traceback = now
+            self.logger.warning("dropped a message that does not decode: %s", exc)
+
     def _failed(self, exc: Exception, what: str) -> None:
         self.stats.error()
         try:
@@ -495,18 +518,23 @@ class DataProcessingNode(Node):
         if not self._take_frame():
             self.stats.skipped()
             return
+        # Everything done with the message, down to its statistics, is under the
+        # error policy: the message comes from a peer and may be anything.
         try:
             self.on_before_iteration()
-            data = self.subscribe_topic_data_type.deserialize(payload)
+            try:
+                data = self.subscribe_topic_data_type.deserialize(payload)
+            except DeserializationError as exc:
+                self._rejected(exc)
+                return
             result = self.process(data)
             if result is not None:
                 self.publish(result)
             self.on_after_iteration()
+            latency = data.age() if isinstance(data, SensorData) else None
+            self.stats.processed(time.perf_counter() - started, latency)
         except Exception as exc:  # noqa: BLE001 - handed to the error policy
             self._failed(exc, "processing a message")
-            return
-        latency = data.age() if isinstance(data, SensorData) else None
-        self.stats.processed(time.perf_counter() - started, latency)
 
 
 ProcessingNode = DataProcessingNode
