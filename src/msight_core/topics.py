@@ -43,9 +43,12 @@ __all__ = [
     "RESERVED_TOPIC_PREFIXES",
     "Topic",
     "get_topic",
+    "is_topic_pattern",
     "list_topics",
+    "topic_matcher",
     "topic_name",
     "validate_topic_name",
+    "validate_topic_pattern",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +89,60 @@ def validate_topic_name(name: str) -> str:
             f"{' or '.join(RESERVED_TOPIC_PREFIXES)} are msight's and NATS's own subjects"
         )
     return name
+
+
+_PATTERN_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+|\*|>")
+
+
+def is_topic_pattern(name: str) -> bool:
+    """True if ``name`` has a wildcard token (``*`` or ``>``)."""
+    return "*" in name or ">" in name
+
+
+def validate_topic_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it is a portable wildcard subscription.
+
+    Tokens are separated by dots, as in topic names; a token may be ``*`` (any
+    one token) and the last token may be ``>`` (one or more tokens), with NATS
+    semantics: ``camera1.*`` matches ``camera1.frames`` but not
+    ``camera1.frames.raw``; ``camera1.>`` matches both.
+
+    Raises:
+        InvalidTopicError: malformed, too long, or reserved.
+    """
+    if not isinstance(pattern, str):
+        raise InvalidTopicError(f"topic pattern must be a str, got {type(pattern).__name__}")
+    shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+    if not 1 <= len(pattern) <= MAX_TOPIC_LENGTH:
+        raise InvalidTopicError(
+            f"topic pattern must be 1-{MAX_TOPIC_LENGTH} characters, got {len(pattern)}"
+        )
+    tokens = pattern.split(".")
+    for i, token in enumerate(tokens):
+        if _PATTERN_TOKEN_RE.fullmatch(token) is None or (token == ">" and i != len(tokens) - 1):
+            raise InvalidTopicError(
+                f"topic pattern {shown!r} is not portable: tokens of A-Za-z0-9_-, or '*' for "
+                "one token, or '>' as the last token for the rest"
+            )
+    if pattern.startswith(RESERVED_TOPIC_PREFIXES) or tokens[0] in ("*", ">"):
+        # A leading wildcard would reach msight's and NATS's own subjects too.
+        raise InvalidTopicError(
+            f"topic pattern {shown!r} must start with a literal token that is not reserved"
+        )
+    return pattern
+
+
+def topic_matcher(pattern: str) -> re.Pattern[str]:
+    """A compiled regular expression matching exactly the topics ``pattern`` covers."""
+    parts = []
+    for token in validate_topic_pattern(pattern).split("."):
+        if token == "*":
+            parts.append(r"[A-Za-z0-9_-]+")
+        elif token == ">":
+            parts.append(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+        else:
+            parts.append(re.escape(token))
+    return re.compile(r"\.".join(parts))
 
 
 def topic_name(topic: Any) -> str:

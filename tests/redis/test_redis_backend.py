@@ -16,6 +16,7 @@ from msight_core.errors import (
     BackpressureError,
     BrokerUnavailableError,
     ConfigError,
+    InvalidTopicError,
 )
 from msight_core.pubsub import RedisPubSub, get_pubsub
 from msight_core.testing.brokers import RedisServer, free_port
@@ -328,6 +329,10 @@ def test_one_class_whatever_the_mode() -> None:
         assert type(single) is RedisPubSub and not single.cluster
         assert type(cluster) is RedisPubSub and cluster.cluster
         assert "cluster a:7000,b:7001" in repr(cluster)
+        # Sharded pub/sub has no patterns: said by the capabilities, refused typed.
+        assert single.capabilities.patterns and not cluster.capabilities.patterns
+        with pytest.raises(InvalidTopicError, match="wildcard"):
+            cluster.subscribe("camera1.*")
     finally:
         single.close()
         cluster.close()

@@ -22,7 +22,9 @@ MiB = 1024 * 1024
 
 def push(payload: bytes, channel: bytes = b"cam.frames", kind: bytes = b"message") -> bytes:
     parts = [kind, channel, payload]
-    return b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    if kind == b"pmessage":  # pattern subscriptions: the glob comes first
+        parts = [kind, b"cam.*", channel, payload]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
 SUBSCRIBED = b"*3\r\n$9\r\nsubscribe\r\n$10\r\ncam.frames\r\n:1\r\n"
@@ -82,7 +84,8 @@ def mixed_stream(seed: int) -> bytes:
             parts.append(push(bytes(rng.randint(20_000, 120_000))))
         elif kind == "big":
             size = rng.choice([128 * 1024, 300_000, MiB, 3 * MiB + 7])
-            parts.append(push(rng.randbytes(size), kind=rng.choice([b"message", b"smessage"])))
+            kinds = [b"message", b"smessage", b"pmessage"]
+            parts.append(push(rng.randbytes(size), kind=rng.choice(kinds)))
         elif kind == "decoy":
             parts.append(push(DECOY * rng.randint(1, 50)))
         else:
@@ -112,11 +115,15 @@ def test_random_cuts(seed: int, cuts: list[int]) -> None:
 
 def test_large_frames_take_the_direct_route() -> None:
     frames = [bytes([i]) * (2 * MiB) for i in range(5)]
-    data = SUBSCRIBED + b"".join(push(f) for f in frames) + push(b"small after")
+    kinds = [b"message", b"pmessage", b"smessage", b"message", b"pmessage"]
+    data = SUBSCRIBED + b"".join(push(f, kind=k) for f, k in zip(frames, kinds))
+    data += push(b"small after")
     got, stream = read_all(data, [MiB] * 20)
-    assert [r[2] for r in got[1:]] == [*frames, b"small after"]
+    assert [r[-1] for r in got[1:]] == [*frames, b"small after"]
+    assert [r[0] for r in got[1:-1]] == kinds
+    assert got[2][1:3] == [b"cam.*", b"cam.frames"]
     assert stream.direct_frames == len(frames)
-    assert all(type(r[2]) is bytes for r in got[1:])
+    assert all(type(r[-1]) is bytes for r in got[1:])
 
 
 def test_a_frame_not_followed_by_crlf_is_a_protocol_error() -> None:

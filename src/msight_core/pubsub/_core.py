@@ -26,8 +26,8 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 from ..config import OverflowPolicy, QueueConfig
-from ..errors import ClosedError
-from ..topics import topic_name
+from ..errors import ClosedError, InvalidTopicError
+from ..topics import is_topic_pattern, topic_name, validate_topic_pattern
 from .base import Message, PubSubBackend
 
 __all__ = ["Delivery", "QueueBackend", "ReceiveQueue", "State", "check_payload"]
@@ -266,12 +266,24 @@ class QueueBackend(PubSubBackend):
     # -- the seed contract --------------------------------------------------------
 
     def subscribe(self, topic: Any) -> None:
-        name = self._name(topic)
+        raw = topic if type(topic) is str else getattr(topic, "name", topic)
+        pattern = type(raw) is str and is_topic_pattern(raw)
+        if pattern:
+            name = validate_topic_pattern(raw)
+            if not self.capabilities.patterns:
+                raise InvalidTopicError(
+                    f"{type(self).__name__} does not support wildcard subscriptions ({name!r})"
+                )
+        else:
+            name = self._name(topic)
         with self._state_lock:
             self._check_open()
             if name in self._topics:
                 return
-            self._subscribe(name)
+            if pattern:
+                self._subscribe_pattern(name)
+            else:
+                self._subscribe(name)
             self._topics[name] = None
 
     def publish(self, topic: Any, serialized_data: bytes) -> None:
@@ -402,6 +414,13 @@ class QueueBackend(PubSubBackend):
             self._close()
 
     # -- what a backend implements ------------------------------------------------
+
+    def _subscribe_pattern(self, pattern: str) -> None:
+        """Subscribe to every topic ``pattern`` matches (backends with ``patterns``).
+
+        Deliveries carry the topic each message was published to.
+        """
+        raise InvalidTopicError(f"{type(self).__name__} does not support wildcard subscriptions")
 
     @abstractmethod
     def _subscribe(self, name: str) -> None:

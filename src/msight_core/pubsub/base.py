@@ -56,6 +56,9 @@ class Capabilities:
         ordered: one publisher's messages to one topic arrive in publish order.
         max_payload: largest payload in bytes the backend carries, ``None`` if
             limited only by memory.
+        patterns: ``subscribe()`` takes wildcard patterns (``camera1.*`` for one
+            token, ``camera1.>`` for the rest, NATS semantics) and each message
+            says which topic it came from (``receive()``'s ``Message.topic``).
     """
 
     broadcast: bool = True
@@ -63,6 +66,7 @@ class Capabilities:
     persistent: bool = False
     ordered: bool = True
     max_payload: int | None = None
+    patterns: bool = False
 
 
 class Message(NamedTuple):
@@ -117,12 +121,16 @@ class PubSubBackend(ABC):
 
         Args:
             topic: a :class:`~msight_core.topics.Topic` (anything with ``.name``)
-                or a plain ``str`` topic name.
+                or a plain ``str`` topic name; on backends whose
+                ``capabilities.patterns`` is true, also a wildcard pattern
+                (``camera1.*``: one token; ``camera1.>``: one or more tokens).
 
         Raises:
-            InvalidTopicError: the name is not portable across brokers.
+            InvalidTopicError: the name or pattern is not portable across
+                brokers, or this backend takes no patterns.
             ClosedError: the backend was closed.
             BrokerUnavailableError: the broker cannot be reached.
+            PermissionDeniedError: the broker's access rules refuse the topic.
         """
 
     @abstractmethod

@@ -9,11 +9,13 @@ queue group. Payloads are delivered as the exact ``bytes`` published.
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..config import QueueConfig, load_queue_config
+from ..topics import topic_matcher
 from ._core import Delivery, QueueBackend
 from .base import Capabilities
 
@@ -31,6 +33,8 @@ class MemoryBroker:
         self._lock = threading.Lock()
         # topic -> group key (("solo", deliver) for broadcast members) -> members
         self._routes: dict[str, dict[Any, list[Deliver]]] = {}
+        # pattern -> (its matcher, group key -> members), for wildcard subscriptions
+        self._patterns: dict[str, tuple[re.Pattern[str], dict[Any, list[Deliver]]]] = {}
         self._turn = itertools.count()
 
     def join(self, name: str, group_id: str | None, deliver: Deliver) -> None:
@@ -40,10 +44,18 @@ class MemoryBroker:
             key = group_id if group_id is not None else ("solo", deliver)
             groups.setdefault(key, []).append(deliver)
 
+    def join_pattern(self, pattern: str, group_id: str | None, deliver: Deliver) -> None:
+        """Route messages of every topic ``pattern`` matches to ``deliver``."""
+        with self._lock:
+            _, groups = self._patterns.setdefault(pattern, (topic_matcher(pattern), {}))
+            key = group_id if group_id is not None else ("solo", deliver)
+            groups.setdefault(key, []).append(deliver)
+
     def leave(self, deliver: Deliver) -> None:
         """Stop routing anything to ``deliver``."""
         with self._lock:
-            for groups in self._routes.values():
+            every = [*self._routes.values(), *(groups for _, groups in self._patterns.values())]
+            for groups in every:
                 for key in list(groups):
                     if deliver in groups[key]:
                         groups[key].remove(deliver)
@@ -52,12 +64,15 @@ class MemoryBroker:
 
     def route(self, name: str, data: bytes) -> None:
         with self._lock:
-            groups = self._routes.get(name)
-            if not groups:
+            every = list(self._routes.get(name, {}).values())
+            for matcher, groups in self._patterns.values():
+                if matcher.fullmatch(name):
+                    every.extend(groups.values())
+            if not every:
                 return
             targets = [
                 members[0] if len(members) == 1 else members[next(self._turn) % len(members)]
-                for members in groups.values()
+                for members in every
             ]
             delivery = Delivery(name, data)
             # Deliver under the lock so one publisher's order is kept per subscriber.
@@ -77,7 +92,9 @@ class MemoryPubSub(QueueBackend):
         queue: receive-queue bounds (default: from the environment).
     """
 
-    capabilities = Capabilities(broadcast=True, groups=True, persistent=False, ordered=True)
+    capabilities = Capabilities(
+        broadcast=True, groups=True, persistent=False, ordered=True, patterns=True
+    )
 
     def __init__(
         self,
@@ -94,6 +111,9 @@ class MemoryPubSub(QueueBackend):
 
     def _subscribe(self, name: str) -> None:
         self.broker.join(name, self.group_id, self._queue.put)
+
+    def _subscribe_pattern(self, pattern: str) -> None:
+        self.broker.join_pattern(pattern, self.group_id, self._queue.put)
 
     def _publish(self, name: str, data: bytes) -> None:
         self.broker.route(name, data)

@@ -62,7 +62,9 @@ class RedisPubSub(QueueBackend):
     No connection is made until the first ``subscribe()`` or ``publish()``.
     """
 
-    capabilities = Capabilities(broadcast=True, groups=False, persistent=False, ordered=True)
+    capabilities = Capabilities(
+        broadcast=True, groups=False, persistent=False, ordered=True, patterns=True
+    )
 
     def __init__(self, client: Any = None, config: RedisConfig | None = None) -> None:
         if isinstance(client, RedisConfig):
@@ -75,6 +77,8 @@ class RedisPubSub(QueueBackend):
             seeds = cluster_endpoints(client) if client is not None else _seeds(config)
             slots = self._slots = SlotMap(seeds)
             self.cluster = True
+            # Sharded pub/sub has no pattern subscriptions (there is no SPSUBSCRIBE).
+            self.capabilities = dataclasses.replace(self.capabilities, patterns=False)
             self.endpoint = seeds[0]
             self._publisher: Any = cluster_publisher.Publisher(slots, bound, timeout)
             self._new_subscriber: Any = lambda queue: cluster_subscriber.Subscriber(
@@ -101,6 +105,11 @@ class RedisPubSub(QueueBackend):
         if self._subscriber is None:
             self._subscriber = self._new_subscriber(self._queue)
         self._subscriber.subscribe(name)
+
+    def _subscribe_pattern(self, pattern: str) -> None:
+        if self._subscriber is None:
+            self._subscriber = self._new_subscriber(self._queue)
+        self._subscriber.subscribe_pattern(pattern)
 
     def _publish(self, name: str, data: bytes) -> None:
         self._publisher.publish(name, data)

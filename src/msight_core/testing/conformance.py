@@ -341,6 +341,35 @@ class PubSubConformance:
 
     # -- capabilities -----------------------------------------------------------------
 
+    def test_wildcard_subscriptions(
+        self, backends: Callable[..., Any], unique_topic: str, caps: Capabilities
+    ) -> None:
+        if not caps.patterns:
+            pytest.skip("backend takes no wildcard patterns")
+        sub, pub = backends(), backends()
+        sub.subscribe(f"{unique_topic}.*")
+        sub.subscribe(f"{unique_topic}.deep.>")
+        wanted = {f"{unique_topic}.a", f"{unique_topic}.b", f"{unique_topic}.deep.x.y"}
+        unwanted = [f"{unique_topic}.a.x", f"{unique_topic}.b.x.y", f"{unique_topic}x.a"]
+        seen: set[str] = set()
+        deadline = time.monotonic() + self.timeout
+        # Published until each wanted topic arrived: a broker may pick up topics
+        # created after the subscription with a delay (Kafka's metadata refresh).
+        while seen != wanted and time.monotonic() < deadline:
+            for name in [*sorted(wanted - seen), *unwanted]:
+                pub.publish(name, name.encode())
+            pub.flush()
+            while (message := sub.receive(0.5)) is not None:
+                assert message.topic in wanted, message.topic
+                assert message.data == message.topic.encode()
+                seen.add(message.topic)
+        assert seen == wanted
+        with pytest.raises(InvalidTopicError):
+            pub.publish(f"{unique_topic}.*", b"a pattern is not a topic")
+        for bad in ("*", ">", f"{unique_topic}.>.x", f"{unique_topic}.a*", "_INBOX.>"):
+            with pytest.raises(InvalidTopicError):
+                sub.subscribe(bad)
+
     def test_group_members_share_messages(
         self, backends: Callable[..., Any], unique_topic: str, caps: Capabilities
     ) -> None:

@@ -4,7 +4,7 @@ hiredis parses small replies fast, but a large payload costs it two copies and
 repeated buffer growth: about 0.5 ms per MB of reader CPU, three times a bare
 ``recv_into``. A subscriber that falls behind a flat-out publisher by 32 MB is
 disconnected by the server (its pub/sub output limit), so large frames bypass
-hiredis: once a ``message``/``smessage`` push whose payload is at least
+hiredis: once a ``message``/``smessage``/``pmessage`` push whose payload is at least
 ``_DIRECT_MIN`` bytes is found at a known reply boundary, the rest of the frame
 is received straight into a buffer of its size (one kernel copy) and handed out
 as ``bytes`` (one more copy).
@@ -37,7 +37,7 @@ _FEED_SLICE = 16 * 1024
 _DIRECT_MIN = 128 * 1024
 #: Redis's own ceiling for one bulk string (``proto-max-bulk-len``, 512 MB).
 _MAX_BULK = 512 * 1024 * 1024
-_PUSH_KINDS = (b"message", b"smessage")
+_PUSH_KINDS = {b"message": 3, b"smessage": 3, b"pmessage": 4}  # kind -> elements
 _MAX_DIGITS = 10
 _KEEP_FRAME_BUF = 64 * 1024 * 1024  # frame buffer kept between frames, at most
 _MAX_LINE = 4096  # a longer status or error line is left to hiredis
@@ -97,7 +97,7 @@ class ReplyStream:
         self.reader = hiredis.Reader()
         self._buf = bytearray(_RECV_CHUNK)
         self._view = memoryview(self._buf)
-        # A large payload being received directly: [kind, channel, buffer], filled.
+        # A large payload being received directly: [kind, (pattern,) channel, buffer].
         self._frame: list[Any] | None = None
         self._frame_buf = bytearray()
         self._filled = 0
@@ -157,12 +157,17 @@ class ReplyStream:
         appended to ``replies``), or ``n`` when the rest is still to come.
         """
         buf = self._buf
-        # *3\r\n  $<k>\r\n<kind>\r\n  $<c>\r\n<channel>\r\n  $<p>\r\n<payload>\r\n
-        if buf[start : start + 4] != b"*3\r\n":
+        # *3\r\n $<k>\r\n<kind>\r\n [$<g>\r\n<pattern>\r\n] $<c>\r\n<channel>\r\n $<p>\r\n<payload>
+        head = buf[start : start + 4]
+        if head == b"*3\r\n":
+            count = 2
+        elif head == b"*4\r\n":
+            count = 3
+        else:
             return -1
         pos = start + 4
         fields: list[bytes] = []
-        for _ in range(2):
+        for _ in range(count):
             end = _line_end(buf, pos, n)
             if end < 0 or buf[pos] != 0x24:
                 return -1
@@ -174,7 +179,7 @@ class ReplyStream:
                 return -1
             pos = end + 4 + size
         end = _line_end(buf, pos, n)
-        if fields[0] not in _PUSH_KINDS or end < 0 or buf[pos] != 0x24:
+        if _PUSH_KINDS.get(fields[0]) != count + 1 or end < 0 or buf[pos] != 0x24:
             return -1
         size = _number(buf, pos + 1, end)
         if size < _DIRECT_MIN or size > _MAX_BULK:
@@ -184,7 +189,7 @@ class ReplyStream:
         frame = memoryview(self._frame_buf)[: size + 2]  # payload and its CRLF
         have = min(n - (end + 2), size + 2)
         frame[:have] = self._view[end + 2 : end + 2 + have]
-        self._frame = [fields[0], fields[1], frame]
+        self._frame = [*fields, frame]
         self._filled = have
         if have < size + 2:
             return n
@@ -193,7 +198,7 @@ class ReplyStream:
 
     def _continue_frame(self) -> list[Any]:
         assert self._frame is not None
-        frame = self._frame[2]
+        frame = self._frame[-1]
         got = self.sock.recv_into(frame[self._filled :])
         if not got:
             raise ConnectionResetError("connection closed by Redis")
@@ -202,9 +207,9 @@ class ReplyStream:
             return []
         return [self._finish_frame()]
 
-    def _finish_frame(self) -> list[bytes]:
+    def _finish_frame(self) -> list[Any]:
         assert self._frame is not None
-        kind, channel, frame = self._frame
+        *fields, frame = self._frame
         self._frame = None
         if frame[-2:] != _CRLF:
             raise hiredis.ProtocolError("large frame not followed by CRLF")
@@ -213,4 +218,4 @@ class ReplyStream:
         frame.release()
         if len(self._frame_buf) > _KEEP_FRAME_BUF:  # a rare huge frame: do not keep it
             self._frame_buf = bytearray()
-        return [kind, channel, payload]
+        return [*fields, payload]

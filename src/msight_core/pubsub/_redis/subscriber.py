@@ -10,6 +10,7 @@ bounded receive queue; the application's pace only decides what that queue keeps
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import threading
@@ -23,6 +24,7 @@ from ...errors import (
     MsightError,
     PermissionDeniedError,
 )
+from ...topics import topic_matcher
 from .._core import Delivery, ReceiveQueue
 from .outbox import BACKOFF_MAX, BACKOFF_MIN, CLOSE_TIMEOUT
 from .reader import ReplyStream
@@ -40,7 +42,12 @@ class Subscriber:
         self.endpoint = endpoint
         self.queue = queue
         self._lock = threading.Lock()
-        self._names: list[str] = []
+        # What is subscribed, in order: a channel name, or a PSUBSCRIBE glob for
+        # a pattern -> the command that (re)subscribes it.
+        self._wanted: dict[str, bytes] = {}
+        # glob -> exact matchers of the patterns behind it (a Redis glob's * also
+        # matches dots; msight patterns match whole tokens, as NATS does).
+        self._matchers: dict[bytes, list[re.Pattern[str]]] = {}
         self._outbox: list[bytes] = []
         self._confirmed: dict[str, threading.Event] = {}
         # SUBSCRIBEs sent and not yet answered, in order: an error reply is the
@@ -57,19 +64,50 @@ class Subscriber:
         self.outage_seconds = 0.0
 
     def subscribe(self, name: str) -> None:
+        """Subscribe to channel ``name``; blocks until Redis confirms.
+
+        Raises:
+            PermissionDeniedError: Redis's ACL refuses the channel.
+            BrokerUnavailableError: no confirmation within the connect timeout.
+        """
+        self._request(name, pack_command(b"SUBSCRIBE", name.encode()), f"SUBSCRIBE {name}")
+
+    def subscribe_pattern(self, pattern: str) -> None:
+        """Subscribe to every channel ``pattern`` matches (``*`` one token, ``>`` the rest).
+
+        Redis globs are wider than msight patterns (``*`` crosses dots), so each
+        message is checked against the exact pattern before it is queued.
+        """
+        glob = ".".join("*" if t in ("*", ">") else t for t in pattern.split("."))
+        with self._lock:
+            self._matchers.setdefault(glob.encode(), []).append(topic_matcher(pattern))
+        try:
+            self._request(glob, pack_command(b"PSUBSCRIBE", glob.encode()), f"PSUBSCRIBE {glob}")
+        except BaseException:
+            with self._lock:
+                matchers = self._matchers.get(glob.encode(), [])
+                if matchers:
+                    matchers.pop()
+                if not matchers:
+                    self._matchers.pop(glob.encode(), None)
+            raise
+
+    def _request(self, key: str, command: bytes, what: str) -> None:
         event = threading.Event()
         with self._lock:
-            self._names.append(name)
-            self._confirmed[name] = event
-            self._outbox.append(pack_command(b"SUBSCRIBE", name.encode()))
-            self._awaiting.append(name)
+            if key in self._wanted:  # a second pattern with the same glob
+                return
+            self._wanted[key] = command
+            self._confirmed[key] = event
+            self._outbox.append(command)
+            self._awaiting.append(key)
             start = self._thread is None
         if start:
             try:
                 self._sock = connect(self.endpoint)
             except BaseException:
                 with self._lock:
-                    self._names.remove(name)
+                    self._wanted.pop(key, None)
                     self._outbox.clear()
                     self._awaiting.clear()
                 raise
@@ -81,16 +119,16 @@ class Subscriber:
             self._wake()
         confirmed = event.wait(self.endpoint.connect_timeout)
         with self._lock:
-            refused = self._refused.pop(name, None)
-            if (refused is not None or not confirmed) and name in self._names:
-                self._names.remove(name)
+            refused = self._refused.pop(key, None)
+            if refused is not None or not confirmed:
+                self._wanted.pop(key, None)
         if refused is not None:
             raise PermissionDeniedError(
-                f"Redis at {self.endpoint.address} refused SUBSCRIBE {name}: {refused}"
+                f"Redis at {self.endpoint.address} refused {what}: {refused}"
             )
         if not confirmed:
             raise BrokerUnavailableError(
-                f"Redis at {self.endpoint.address} did not confirm SUBSCRIBE {name} "
+                f"Redis at {self.endpoint.address} did not confirm {what} "
                 f"within {self.endpoint.connect_timeout:g}s"
             )
 
@@ -121,6 +159,16 @@ class Subscriber:
         logger.warning("dropped a message on channel %r, which was not subscribed", name[:80])
         return None
 
+    def _pattern_message(self, glob: bytes, channel: bytes, data: bytes) -> Delivery | None:
+        matchers = self._matchers.get(glob)
+        name = channel.decode("utf-8", "replace")
+        if matchers is None:
+            self.unexpected += 1
+            return None
+        if any(m.fullmatch(name) for m in matchers):
+            return Delivery(name, data)
+        return None  # matched the wider Redis glob only
+
     def _answered(self, channel: bytes | None, error: str | None) -> None:
         """A SUBSCRIBE was confirmed (``channel``) or refused (``error``)."""
         with self._lock:
@@ -130,10 +178,9 @@ class Subscriber:
                     self._awaiting.remove(name)
             elif self._awaiting:
                 name = self._awaiting.popleft()
-                # Only the first word and what Redis says of it; never a credential.
+                # What Redis says of it; never a credential.
                 self._refused[name] = error[:200] if error else "refused"
-                if name in self._names:
-                    self._names.remove(name)
+                self._wanted.pop(name, None)
             else:
                 logger.error("Redis sent an error to the subscriber: %s", (error or "")[:200])
                 return
@@ -157,8 +204,8 @@ class Subscriber:
                 if self._sock is None:
                     self._sock = connect(self.endpoint)
                     with self._lock:
-                        self._outbox = [pack_command(b"SUBSCRIBE", n.encode()) for n in self._names]
-                        self._awaiting = deque(self._names)
+                        self._outbox = list(self._wanted.values())
+                        self._awaiting = deque(self._wanted)
                     if lost_at is not None:
                         outage = time.monotonic() - lost_at
                         self.outage_seconds += outage
@@ -166,7 +213,7 @@ class Subscriber:
                             "subscriber reconnected to Redis at %s after %.2fs; resubscribed to %s",
                             self.endpoint.address,
                             outage,
-                            ", ".join(self._names),
+                            ", ".join(self._wanted),
                         )
                         lost_at = None
                     backoff = BACKOFF_MIN
@@ -193,7 +240,7 @@ class Subscriber:
                         "Messages published meanwhile are lost (Redis pub/sub is best-effort)",
                         self.endpoint.address,
                         exc if isinstance(exc, MsightError) else type(exc).__name__,
-                        ", ".join(self._names),
+                        ", ".join(self._wanted),
                     )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -224,6 +271,11 @@ class Subscriber:
                         continue
             batch: list[Delivery] = []
             for reply in stream.read():
+                if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+                    delivery = self._pattern_message(reply[1], reply[2], reply[3])
+                    if delivery is not None:
+                        batch.append(delivery)
+                    continue
                 if type(reply) is list and len(reply) == 3:
                     kind = reply[0]
                     if kind == b"message":
@@ -236,7 +288,7 @@ class Subscriber:
                             names[channel] = name
                         batch.append(Delivery(name, reply[2]))
                         continue
-                    if kind == b"subscribe":
+                    if kind == b"subscribe" or kind == b"psubscribe":
                         self._answered(reply[1], None)
                         continue
                 if isinstance(reply, hiredis.ReplyError):
