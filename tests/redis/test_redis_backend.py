@@ -119,6 +119,38 @@ def test_drains_100k_messages_per_second_without_loss(redis_server: Any, unique_
     assert stats.get("subscriber_reconnects", 0) == 0
 
 
+def test_flat_out_burst_of_1mb_frames_loses_nothing(redis_server: Any, unique_topic: str) -> None:
+    """300 x 1 MB published as fast as publish() returns, on a default server: the
+    subscriber drains faster than Redis's 32 MB pub/sub output limit fills up."""
+    sub = _backend(redis_server)
+    sub.subscribe(unique_topic)
+    code = textwrap.dedent(
+        f"""
+        from msight_core.config import load_redis_config
+        from msight_core.pubsub import RedisPubSub
+        pub = RedisPubSub(load_redis_config({{"MSIGHT_REDIS_MESSAGE_BROKER_HOST": "127.0.0.1",
+                                             "MSIGHT_REDIS_MESSAGE_BROKER_PORT": "{redis_server.port}"}}))
+        for i in range(300):
+            pub.publish("{unique_topic}", i.to_bytes(4, "big") * (MiB // 4))
+        pub.flush(60)
+        pub.close()
+        """
+    ).replace("MiB", str(MiB))
+    publisher = subprocess.Popen([sys.executable, "-c", code])
+    got: list[int] = []
+    while len(got) < 300:
+        message = sub.receive(10.0)
+        if message is None:
+            break
+        assert len(message.data) == MiB
+        got.append(int.from_bytes(message.data[:4], "big"))
+    publisher.wait(60)
+    stats = sub.stats()
+    sub.close()
+    assert got == list(range(300)), (len(got), stats)
+    assert stats.get("subscriber_reconnects", 0) == 0
+
+
 @pytest.mark.parametrize(("size_mb", "rate"), [(16, 15), (8, 30)])
 def test_big_frames_at_camera_rates_without_disconnect(
     redis_server: Any, unique_topic: str, size_mb: int, rate: int
