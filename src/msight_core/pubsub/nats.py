@@ -16,7 +16,20 @@ parser straight into the bounded receive queue read by ``listen()`` /
   resolves. Without JetStream, such a payload raises
   :class:`~msight_core.errors.PayloadTooLargeError` before anything is sent.
 * **Reconnects** are nats-py's (subscriptions and queue groups are restored);
-  while disconnected, publishes wait in our buffer (``PublishConfig``).
+  while disconnected, publishes wait in our buffer (``PublishConfig``), which
+  also bounds JetStream messages sent and not yet acknowledged.
+* **Bursts.** The subscriber reads its socket directly into its parser's buffer
+  (a large payload into one reused buffer), so it drains about as fast as a
+  publisher on the same machine sends; a publisher paces large payloads with a
+  PING round trip per 4 MiB, so a burst does not outrun what the server holds
+  for a subscriber (``max_pending``, 64 MB) before it disconnects it.
+* **Peers are untrusted.** What the server sends is checked (sizes, line
+  lengths, the CRLF after a payload; a violation drops the connection, which
+  reconnects); a message nats-py cannot take, or a forged large-frame notice,
+  is dropped and counted (``malformed_dropped``, ``large_frames_lost``) and
+  costs its subscription at most a short wait. With
+  ``MSIGHT_QUEUE_OVERFLOW=block`` the wait for queue room happens off the event
+  loop; past a bounded hand-off the socket is no longer read.
 * **JetStream mode** (``MSIGHT_NATS_JETSTREAM=true``): each topic is stored in a
   stream, publishes are acknowledged by the server (and resent, de-duplicated,
   when the ack is late), and a group's durable consumer, named after
@@ -39,7 +52,7 @@ import time
 import weakref
 from typing import Any
 
-from ..config import NatsConfig, load_nats_config
+from ..config import NatsConfig, OverflowPolicy, load_nats_config
 from ..errors import BackpressureError, MsightError
 from ._core import Delivery, QueueBackend
 from ._nats.conn import Connection, Listeners, client_options
@@ -110,7 +123,11 @@ class NATSPubSub(QueueBackend):
         self._mode = mode
         self.capabilities: Capabilities = mode.capabilities
         subscriber = self._subscriber = Subscriber(
-            mode, large, self._queue.put_many, config.connect_timeout
+            mode,
+            large,
+            self._queue.put_many,
+            config.connect_timeout,
+            blocking=config.queue.overflow is OverflowPolicy.BLOCK,
         )
         self._listeners = Listeners(
             created=subscriber.attach,
@@ -195,6 +212,7 @@ class NATSPubSub(QueueBackend):
 
     def _close(self) -> None:
         _live.discard(self)
+        self._subscriber.close()  # the queue is closed: nothing more goes into it
         conn = self._conn
         if conn.client is None:
             return
@@ -231,6 +249,7 @@ class NATSPubSub(QueueBackend):
             large_frames_sent=pub.frames,
             large_frames_received=self._large.fetched,
             large_frames_lost=self._large.lost,
+            malformed_dropped=self._subscriber.dropped,
             reconnects=self._conn.reconnects,
             outage_seconds=round(self._conn.outage_seconds, 3),
             slow_consumer_drops=self._conn.slow_consumer_drops,

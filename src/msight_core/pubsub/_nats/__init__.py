@@ -13,11 +13,15 @@ names and signatures change without notice.
 * :mod:`.commands` -- the protocol commands the publisher formats (no I/O).
 * :mod:`.frames` -- the large-frame protocol (payloads above ``max_payload``).
 * :mod:`.streams` -- JetStream stream and consumer helpers.
-* :mod:`.parser` -- the fast NATS protocol parser.
+* :mod:`.parser` -- the fast NATS protocol parser, checking what the server sends.
+* :mod:`.receiver` -- the parser's direct socket read (an asyncio buffered protocol).
+* :mod:`.routes` -- where parsed messages go: nats-py's handlers, direct routes.
+* :mod:`.emit` -- how the writer hands a batch over, pacing large messages.
 * :mod:`.internals` -- the only module that touches nats-py's private API.
 
-Imports go one way: ``internals``, ``frames``, ``parser`` and ``streams``
-import nothing from here (``commands`` only ``frames``); the roles build on
+Imports go one way: ``internals``, ``frames``, ``receiver``, ``routes`` and
+``streams`` import nothing from here (``commands`` only ``frames``, ``parser``
+only ``receiver`` and ``routes``, ``emit`` only ``internals``); the roles build on
 them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.
 """

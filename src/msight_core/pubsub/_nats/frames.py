@@ -11,6 +11,14 @@ ordered consumer. No server setting changes.
 Notice headers: :data:`FRAME_HEADER` (the frame id), ``Msight-Frame-Size``,
 ``Msight-Frame-Chunks`` and ``Msight-Frame-Stream``; :func:`notice_headers`
 writes them and :meth:`LargeFrames.fetch` checks them against what arrives.
+Anyone who can publish to a topic can send a notice, so a receiver checks it
+before acting on it: the size at most half the store (as a publisher's), a
+chunk count a publisher could have used, a literal frame id (no wildcard, no
+``.``), our own stream only; then that the chunks are stored (waiting
+:data:`_STORE_WAIT` at most, so a forged notice holds its subscription briefly).
+Chunks are collected as they arrive, never more than the notice announced: a
+notice allocates nothing by itself. A bad notice is counted in ``lost`` (and
+terminated in JetStream mode).
 Each chunk carries ``Nats-Msg-Id: <subject>.<index>``, so a resent chunk is
 stored once. :class:`LargeFrames` owns the stream and reads frames back; the
 publisher (:mod:`.publisher`) cuts and sends them.
@@ -47,7 +55,9 @@ FRAME_MARKER = FRAME_HEADER.encode() + b":"  # in a header block: a notice, not 
 LARGE_SUBJECT_PREFIX = "_msight.large."
 LARGE_STREAM = "MSIGHT_LARGE_FRAMES"
 _HEADROOM = 512  # bytes of max_payload kept for the chunk's headers
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a frame id or stream name from a notice
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a frame id from a notice: a literal token
+_NUMBER = re.compile(r"[0-9]{1,12}")  # a size or count from a notice
+_STORE_WAIT = 1.0  # seconds a notice may wait for its chunks to be in the stream
 
 
 def chunk_header(subject: bytes, index: int) -> bytes:
@@ -153,52 +163,92 @@ class LargeFrames:
             self._ready = True
         return LARGE_STREAM
 
-    async def fetch(self, nc: Any, topic: str, headers: dict[str, str]) -> bytes | None:
-        """Read a frame's chunks back; ``None`` (logged, counted) if it is gone."""
+    def _check(self, headers: dict[str, str], max_payload: int) -> tuple[str, int, int] | None:
+        """``(frame id, size, chunks)`` of a notice, or ``None`` if it is not one we
+        could have sent: peers are untrusted, and these become a subject and a
+        buffer. The size is bounded like a publisher's (half the store), the
+        chunk count by the chunk sizes a publisher can use, the id is a literal
+        token (no ``*``, ``>`` or ``.``), and the stream is ours."""
         try:
             frame_id = headers[FRAME_HEADER]
-            size = int(headers["Msight-Frame-Size"])
-            chunks = int(headers["Msight-Frame-Chunks"])
+            size_text = headers["Msight-Frame-Size"]
+            chunks_text = headers["Msight-Frame-Chunks"]
             stream = headers.get("Msight-Frame-Stream", LARGE_STREAM)
-        except (KeyError, ValueError):
-            frame_id = stream = ""
-            size = chunks = -1
-        # Peers are untrusted: the size bounds the buffer, the names become subjects.
+        except (KeyError, TypeError):
+            return None
         if not (
-            0 < size <= self.max_bytes
-            and 0 < chunks <= size
+            isinstance(frame_id, str)
             and _TOKEN.fullmatch(frame_id)
-            and _TOKEN.fullmatch(stream)
+            and stream == LARGE_STREAM
+            and _NUMBER.fullmatch(size_text)
+            and _NUMBER.fullmatch(chunks_text)
         ):
+            return None
+        size, chunks = int(size_text), int(chunks_text)
+        fewest = -(-size // max(self.chunk_size(max_payload), 1))
+        most = -(-size // 1024)  # chunk_size() is at least 1 KB
+        if not (0 < size <= self.max_bytes // 2 and fewest <= chunks <= most):
+            return None
+        return frame_id, size, chunks
+
+    async def _stored(self, nc: Any, subject: str, chunks: int) -> bool:
+        """Whether the stream holds ``chunks`` messages on ``subject``; waits
+        :data:`_STORE_WAIT` at most (the chunks of a real frame are stored before
+        its notice goes out, but the stream writes them on its own time)."""
+        jsm = nc.jsm(timeout=self.timeout)  # the wait for the chunks is bounded below
+        deadline = time.monotonic() + _STORE_WAIT
+        delay = 0.01
+        while True:
+            info = await jsm.stream_info(LARGE_STREAM, subjects_filter=subject)
+            count = (info.state.subjects or {}).get(subject, 0)
+            if count >= chunks:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay *= 2
+
+    async def fetch(self, nc: Any, topic: str, headers: dict[str, str]) -> bytes | None:
+        """Read a frame's chunks back; ``None`` (logged, counted) if the notice is
+        malformed or the frame is gone.
+
+        A notice costs its subscription a short, bounded wait at most
+        (:data:`_STORE_WAIT` for the chunks to be there, then the time to read
+        them); nothing is allocated before chunks arrive, and never more than
+        the notice announced.
+        """
+        checked = self._check(headers, int(getattr(nc, "max_payload", 0) or 1024 * 1024))
+        if checked is None:
             self.lost += 1
             logger.warning("malformed large-frame notice on %r ignored", topic)
             return None
-        buf = bytearray(size)
-        offset = 0
+        frame_id, size, chunks = checked
+        subject = LARGE_SUBJECT_PREFIX + frame_id
+        parts: list[bytes] = []
         received = 0
-        deadline = time.monotonic() + self.timeout
         sub = None
         try:
+            if not await self._stored(nc, subject, chunks):
+                raise LookupError("no such frame")
+            deadline = time.monotonic() + self.timeout
             sub = await nc.jetstream(timeout=self.timeout).subscribe(
-                LARGE_SUBJECT_PREFIX + frame_id,
-                stream=stream,
+                subject,
+                stream=LARGE_STREAM,
                 ordered_consumer=True,
                 deliver_policy=api.DeliverPolicy.ALL,
-                pending_bytes_limit=max(4 * size, 64 * 1024 * 1024),
+                pending_bytes_limit=max(2 * size, 64 * 1024 * 1024),
             )
-            while received < chunks:
+            while len(parts) < chunks:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                msg = await sub.next_msg(timeout=remaining)
-                data = msg.data
-                end = offset + len(data)
-                if end > size:
+                data = (await sub.next_msg(timeout=remaining)).data
+                received += len(data)
+                if received > size:
                     raise ValueError("chunks exceed the announced size")
-                buf[offset:end] = data
-                offset = end
-                received += 1
-            if offset != size:
+                parts.append(data)
+            if received != size:
                 raise ValueError("chunks do not add up to the announced size")
         except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
             self.lost += 1
@@ -206,11 +256,11 @@ class LargeFrames:
                 "large frame on %r lost (%d of %d chunks read: %s); frames are kept %gs "
                 "in the %s stream",
                 topic,
-                received,
+                len(parts),
                 chunks,
                 type(exc).__name__,
                 self.ttl,
-                stream,
+                LARGE_STREAM,
             )
             return None
         finally:
@@ -220,4 +270,4 @@ class LargeFrames:
                 except Exception:
                     logger.debug("unsubscribing a frame consumer failed", exc_info=True)
         self.fetched += 1
-        return bytes(buf)
+        return b"".join(parts)

@@ -13,6 +13,8 @@ feature           private API                                 public fallback
 parser            ``Client._ps`` (the stock ``Parser``),      nats-py's parser, ``Msg``
                   ``Client._process_msg/_err/_ping/_pong/``   objects and callbacks
                   ``_info``, ``Subscription._id``
+direct read       ``Client._transport`` (``_io_reader`` and   nats-py's reads through
+                  its ``_buffer``, ``_io_writer.transport``)  its ``StreamReader``
 JetStream routes  ``PushSubscription._sub``, ``._jsi._ccreq``  nats-py's callbacks
 send buffer       ``Client._send_command``, ``_flush_pending``  ``Client.publish`` and
                                                               ``Client.flush``
@@ -28,6 +30,7 @@ reconnect limit   ``Client.options["max_reconnect_attempts"]``  reconnect foreve
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Callable
@@ -142,7 +145,46 @@ def install_parser(nc: Any, make: Callable[[ClientHooks], _P]) -> _P | None:
     assert hooks is not None
     parser = make(hooks)
     nc._ps = parser
+    if _path("direct read", hasattr(parser, "adopt")):
+        parser.take_over = lambda p: _take_over_reading(nc, p)  # type: ignore[attr-defined]
     return parser
+
+
+def _take_over_reading(nc: Any, parser: Any) -> Any:
+    """Have ``parser`` read the client's current connection itself.
+
+    The connection's ``StreamReaderProtocol`` is replaced by the parser's
+    receiver (which passes end of file, loss and write flow control on to it);
+    what its ``StreamReader`` had buffered goes to the parser first. Returns
+    the receiver, or ``None`` (the connection is not nats-py's TCP transport as
+    expected, or is closing): reads then go on through nats-py.
+    """
+    try:
+        tcp = nc._transport
+        if type(tcp).__name__ != "TcpTransport":
+            return None
+        reader = tcp._io_reader
+        transport = tcp._io_writer.transport
+        old = transport.get_protocol()
+        buffered = reader._buffer
+        ok = (
+            isinstance(reader, asyncio.StreamReader)
+            and isinstance(old, asyncio.StreamReaderProtocol)
+            and isinstance(buffered, bytearray)
+            and callable(getattr(transport, "set_protocol", None))
+            and not transport.is_closing()
+        )
+    except AttributeError:
+        ok = False
+    if not ok:
+        _path("direct read", False)
+        return None
+    receiver = parser.adopt(transport, old, bytes(buffered))
+    buffered.clear()
+    transport.set_protocol(receiver)
+    if not transport.is_reading():  # the StreamReader paused it (64 KB buffered)
+        transport.resume_reading()
+    return receiver
 
 
 def core_route(sub: Any) -> tuple[int, int] | None:
@@ -238,6 +280,8 @@ class Wire:
         self.buffered = _path("send buffer", private)
         self.direct = _path("direct write", private and _check(nc, "direct write", _direct_ok))
         self._refused: Any = None  # the transport a direct write failed on
+        self.unconfirmed = 0
+        """Large-payload bytes written since the last :meth:`round_trip`."""
 
     @property
     def pending_bytes(self) -> int:
@@ -280,6 +324,14 @@ class Wire:
                 await nc._send_command(part)
         else:
             await _publish_commands(nc, b"".join(pieces))
+
+    async def round_trip(self) -> None:
+        """A PING and its PONG: the server has processed everything written before."""
+        self.unconfirmed = 0
+        try:
+            await self._nc.flush(max(self._timeout, 1.0))
+        except Exception as exc:  # noqa: BLE001 - a disconnect is reported elsewhere
+            logger.debug("pacing round trip failed: %s", type(exc).__name__)
 
     async def flush(self, force: bool) -> None:
         """Have nats-py write its buffer out; ``force`` waits until it has."""

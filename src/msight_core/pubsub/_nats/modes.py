@@ -161,8 +161,11 @@ class JetStreamMode:
         return reply
 
     def lost_frame(self, reply: str) -> None:
+        # Terminated, not just acknowledged: the stream never redelivers a notice
+        # whose frame is gone or that was not a valid notice.
         if reply:
-            self._send(b"PUB %s 0\r\n\r\n" % reply.encode())
+            self._outstanding.pop(reply, None)
+            self._send(b"PUB %s 5\r\n+TERM\r\n" % reply.encode())
 
     def ack(self, token: Any) -> None:
         # Held back and sent in one piece when the application has gone through

@@ -9,7 +9,9 @@ loop is woken only when the writer was idle.
 Messages that need an acknowledgement from JetStream (JetStream-mode publishes
 and the chunks of large frames) carry a reply subject under a private inbox and a
 ``Nats-Msg-Id``; they stay in ``_sent`` until the stream acknowledges them, and
-are sent again after a reconnect or when the ack is late. The stream drops the
+are sent again after a reconnect or when the ack is late. Their bytes count
+against ``buffer_bytes`` with the unsent ones: ``publish()`` waits for room, then
+raises ``BackpressureError``, while acknowledgements are outstanding. The stream drops the
 duplicates by message id, so a resend never stores a message twice. Payloads
 above ``max_payload`` are cut into chunks of the large-frame stream
 (:mod:`.frames`) by the writer.
@@ -31,6 +33,7 @@ from typing import Any
 from ...config import PublishConfig
 from ...errors import BackpressureError, ClosedError, MsightError, PublishError
 from .commands import CRLF, Commands, Frame, Tracked
+from .emit import emit
 from .frames import LargeFrames
 from .internals import Wire
 
@@ -39,7 +42,6 @@ __all__ = ["Publisher"]
 logger = logging.getLogger("msight_core.pubsub.nats")
 
 _EMIT_BYTES = 8 * 1024 * 1024  # a batch of tracked messages is handed over in such steps
-_EMIT_STEP = 4 * 1024 * 1024  # pending in nats-py before the writer waits for the socket
 _DIRECT_BYTES = 128 * 1024  # payloads from this size are handed over without a copy
 _ACK_CHECK_INTERVAL = 1.0
 _CONFIRM_INTERVAL = 0.05  # core NATS: PING this often while messages flow
@@ -80,6 +82,10 @@ class Publisher:
         self._buf_plain = True  # the buffer holds only protocol bytes (no frames, no acks to track)
         self._buf_bytes = 0
         self._buf_msgs = 0
+        # Sent and awaiting a JetStream ack: these count against buffer_bytes too,
+        # since they are resent after a reconnect (and held until acknowledged).
+        self._sent_bytes = 0
+        self._room_waiters = 0
         self._idle = True  # the writer is waiting for a wake-up
         self._wake: asyncio.Event | None = None
         self._closing = False
@@ -118,12 +124,13 @@ class Publisher:
         with self._cond:
             if self._error is not None:
                 self._raise_error()
-            if self._buf_bytes and self._buf_bytes + size > self.buffer_bytes:
+            held = self._buf_bytes + self._sent_bytes
+            if held and held + size > self.buffer_bytes:
                 self._wait_for_room(size)
             if size < _DIRECT_BYTES:
                 self._buf += (head, data, CRLF)
             else:
-                self._buf.append((head, data, CRLF))  # one piece: see _emit
+                self._buf.append((head, data, CRLF))  # one piece: see emit.emit
             self._buf_msgs += 1
             self._buf_bytes += size
             if self._idle:
@@ -142,7 +149,8 @@ class Publisher:
         with self._cond:
             if self._error is not None:
                 self._raise_error()
-            if self._buf_bytes and self._buf_bytes + size > self.buffer_bytes:
+            held = self._buf_bytes + self._sent_bytes
+            if held and held + size > self.buffer_bytes:
                 self._wait_for_room(size)
             self._buf_plain = False
             self._buf.append(item)
@@ -169,16 +177,24 @@ class Publisher:
         raise exc
 
     def _wait_for_room(self, size: int) -> None:
+        # Called with the lock held.
         deadline = time.monotonic() + self.timeout
-        while self._buf_bytes and self._buf_bytes + size > self.buffer_bytes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closing:
-                raise BackpressureError(
-                    f"NATS publish buffer full ({self._buf_bytes} bytes pending for "
-                    f"{self._where}, bound {self.buffer_bytes}) for "
-                    f"{self.timeout:g}s; {self._state()}"
-                )
-            self._cond.wait(remaining)
+        self._room_waiters += 1
+        try:
+            while True:
+                held = self._buf_bytes + self._sent_bytes
+                if not held or held + size <= self.buffer_bytes:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    raise BackpressureError(
+                        f"NATS publish buffer full ({self._buf_bytes} bytes unsent and "
+                        f"{self._sent_bytes} sent but unacknowledged for {self._where}, "
+                        f"bound {self.buffer_bytes}) for {self.timeout:g}s; {self._state()}"
+                    )
+                self._cond.wait(remaining)
+        finally:
+            self._room_waiters -= 1
 
     def pending(self) -> tuple[int, int]:
         """Messages not yet handed to nats-py, and messages awaiting a JetStream ack."""
@@ -257,6 +273,7 @@ class Publisher:
         items.sort(key=lambda t: t.id)
         for item in items:
             del self._sent[item.id]
+            self._sent_bytes -= item.size
         self._buf[:0] = items
         self._buf_plain = False
         self._buf_msgs += len(items)
@@ -297,7 +314,7 @@ class Publisher:
                     self._cond.notify_all()
                 try:
                     if plain:  # only ready-made protocol bytes: hand them over as they are
-                        await self._emit(wire, batch)
+                        await emit(wire, batch)
                     else:
                         await self._send(nc, wire, batch)
                 except Exception as exc:
@@ -336,42 +353,20 @@ class Publisher:
                     piece.first_sent = now
                 with self._cond:
                     sent[piece.id] = piece
+                    self._sent_bytes += piece.size
                 if piece.size < _DIRECT_BYTES:
                     out.extend(piece.pieces)
                 else:
                     out.append(tuple(piece.pieces))
                 size += piece.size
                 if size >= _EMIT_BYTES:
-                    await self._emit(wire, out)
+                    await emit(wire, out)
                     out, size = [], 0
             if size >= _EMIT_BYTES:
-                await self._emit(wire, out)
+                await emit(wire, out)
                 out, size = [], 0
         if out:
-            await self._emit(wire, out)
-
-    @staticmethod
-    async def _emit(wire: Wire, out: list[Any]) -> None:
-        """Hand ``out`` to the connection, in order.
-
-        Runs of small pieces are joined into one write. A tuple is one large
-        message, handed over in its pieces (:meth:`.internals.Wire.write_message`);
-        after it, the writer waits for the socket if too much is pending.
-        """
-        run: list[bytes] = []
-        for piece in out:
-            if type(piece) is not tuple:
-                run.append(piece)
-                continue
-            if run:
-                await wire.write(b"".join(run))
-                run = []
-            await wire.write_message(piece)
-            if wire.pending_bytes >= _EMIT_STEP:
-                await wire.flush(force=True)
-        if run:
-            await wire.write(b"".join(run))
-        await wire.flush(force=wire.pending_bytes >= _EMIT_STEP)
+            await emit(wire, out)
 
     async def _expand_frame(self, nc: Any, frame: Frame) -> list[Any]:
         """Chunks into the large-frame stream, then the notice on the topic."""
@@ -412,6 +407,9 @@ class Publisher:
                 self._retry_later(item)
                 return
             del self._sent[ident]
+            self._sent_bytes -= item.size
+            if self._room_waiters:
+                self._cond.notify_all()
             if not failed:
                 self.acked += 1
             else:

@@ -11,11 +11,24 @@ the callback.
 
 What differs between core NATS and JetStream mode (how a topic is subscribed,
 what acknowledges a delivery) is the mode's (:mod:`.modes`).
+
+With ``MSIGHT_QUEUE_OVERFLOW=block`` the receive queue's put waits for room,
+which must never happen on the event loop (it would stall the instance's
+publishes, acknowledgements and PING answers). Deliveries then go through a
+:class:`HandOff`: a thread of its own does the waiting put, and once it holds
+:data:`HANDOFF_BYTES` or :data:`HANDOFF_MESSAGES` the parser stops reading the
+socket until it has room again (``FastParser.throttle``), so the server is held
+back by TCP, and memory stays bounded. (A server that cannot write to a
+subscriber for long enough disconnects it as a slow consumer: blocking trades
+that risk for no drops in the client.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -24,7 +37,14 @@ from . import internals
 from .frames import FRAME_HEADER, FRAME_MARKER, LargeFrames
 from .parser import FastParser
 
-__all__ = ["SubscribeMode", "Subscriber"]
+__all__ = ["HANDOFF_BYTES", "HANDOFF_MESSAGES", "HandOff", "SubscribeMode", "Subscriber"]
+
+logger = logging.getLogger("msight_core.pubsub.nats")
+
+HANDOFF_BYTES = 16 * 1024 * 1024
+"""BLOCK mode: bytes waiting for queue room before the socket is no longer read."""
+HANDOFF_MESSAGES = 10_000
+"""BLOCK mode: messages waiting for queue room before the socket is no longer read."""
 
 
 class SubscribeMode(Protocol):
@@ -47,6 +67,94 @@ class SubscribeMode(Protocol):
         ...
 
 
+class HandOff:
+    """Puts batches into a queue whose put may block, from a thread of its own.
+
+    :meth:`put` (on the loop) never blocks; :meth:`room` (on the loop) returns
+    once fewer than the bounds wait, after :meth:`put` went over them.
+
+    Args:
+        put_many: the queue's put; may block until the queue has room.
+        max_bytes, max_messages: what may wait before :meth:`room` waits.
+    """
+
+    def __init__(
+        self,
+        put_many: Callable[[list[Delivery]], Any],
+        max_bytes: int = HANDOFF_BYTES,
+        max_messages: int = HANDOFF_MESSAGES,
+    ) -> None:
+        self._put_many = put_many
+        self._max_bytes = max_bytes
+        self._max_messages = max_messages
+        self._loop = asyncio.get_running_loop()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._cond = threading.Condition(threading.Lock())
+        self._batches: deque[tuple[list[Delivery], int]] = deque()
+        self.bytes = 0
+        self.messages = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="msight-nats-handoff", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[Delivery]) -> None:
+        """Queue ``batch`` behind the others (on the loop; never blocks)."""
+        size = sum(len(item.data) for item in batch)
+        with self._cond:
+            self._batches.append((batch, size))
+            self.bytes += size
+            self.messages += len(batch)
+            full = self.bytes >= self._max_bytes or self.messages >= self._max_messages
+            self._cond.notify()
+        if full:
+            self._open.clear()
+
+    async def room(self) -> None:
+        """Return when :meth:`put` may be called again (on the loop)."""
+        if not self._open.is_set():
+            await self._open.wait()
+
+    def close(self) -> None:
+        """Stop the thread once the queue refuses (it is closed) or all is put."""
+        with self._cond:
+            self._closed = True
+            self._batches.clear()
+            self._cond.notify()
+        self._set_open()
+
+    def _set_open(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._open.set)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._batches and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch, size = self._batches[0]
+            try:
+                self._put_many(batch)  # waits for room in the receive queue
+            except Exception:  # pragma: no cover - the queue does not raise
+                logger.exception("NATS hand-off: queueing a batch failed")
+            with self._cond:
+                if self._batches and self._batches[0][0] is batch:
+                    self._batches.popleft()
+                    self.bytes -= size
+                    self.messages -= len(batch)
+                reopen = (
+                    not self._open.is_set()
+                    and self.bytes < self._max_bytes // 2
+                    and self.messages < self._max_messages // 2
+                )
+            if reopen:
+                self._set_open()
+
+
 class Subscriber:
     """Subscriptions of one backend and the feed of its receive queue.
 
@@ -55,6 +163,8 @@ class Subscriber:
         large: reads large frames back.
         deliver: puts deliveries, in order, into the receive queue.
         timeout: seconds to wait for the server to confirm a subscription.
+        blocking: ``deliver`` may wait for room (``MSIGHT_QUEUE_OVERFLOW=block``):
+            it is called from a :class:`HandOff` thread, never on the loop.
     """
 
     def __init__(
@@ -63,10 +173,14 @@ class Subscriber:
         large: LargeFrames,
         deliver: Callable[[list[Delivery]], Any],
         timeout: float,
+        blocking: bool = False,
     ) -> None:
         self._mode = mode
         self._large = large
+        self._queue_put = deliver
         self._put_many = deliver
+        self._blocking = blocking
+        self._handoff: HandOff | None = None
         self._timeout = timeout
         self._nc: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +200,29 @@ class Subscriber:
         """A client about to connect: give it the fast parser if it takes one."""
         self._nc = nc
         self._loop = asyncio.get_running_loop()
-        self._parser = internals.install_parser(nc, FastParser)
+        parser = self._parser = internals.install_parser(nc, FastParser)
+        if self._blocking and self._handoff is None:
+            handoff = self._handoff = HandOff(self._queue_put)
+            self._put_many = handoff.put
+            if parser is not None:
+                parser.throttle = self._room
+
+    async def _room(self) -> None:
+        """The parser's throttle in BLOCK mode: what it parsed goes to the hand-off
+        now, then wait until the hand-off has room."""
+        self._flush_inbox()
+        assert self._handoff is not None
+        await self._handoff.room()
+
+    def close(self) -> None:
+        """The receive queue is closed: stop the hand-off thread (if any)."""
+        if self._handoff is not None:
+            self._handoff.close()
+
+    @property
+    def dropped(self) -> int:
+        """Well-framed messages the parser could not hand over."""
+        return self._parser.dropped if self._parser is not None else 0
 
     async def subscribe(self, name: str) -> None:
         """Subscribe ``name``; returns once the server has the subscription."""
@@ -94,6 +230,9 @@ class Subscriber:
         sub, key = await self._mode.subscribe(nc, name, self._on_message)
         self._subs[name] = sub
         parser = self._parser
+        if parser is not None:
+            # The server's own bound on a message, if above the parser's default.
+            parser.max_size = max(parser.max_size, int(nc.max_payload) + 64 * 1024)
         if parser is not None and key is not None:
             sid, delivered = key
             # Plain messages skip nats-py's Msg object, queue and task (parser.py),
@@ -143,6 +282,10 @@ class Subscriber:
             await self._handle(msg)
         finally:
             self.route_done(msg.sid)
+        handoff = self._handoff
+        if handoff is not None and self._parser is None:
+            # nats-py's path: this subscription's task waits (its pending limits apply).
+            await self._room()
 
     async def _handle(self, msg: Any) -> None:
         headers = msg.headers
