@@ -17,6 +17,7 @@ import pytest
 from msight_core.errors import (
     AuthenticationError,
     BrokerUnavailableError,
+    InvalidTopicError,
     PayloadTooLargeError,
     PublishError,
 )
@@ -585,3 +586,31 @@ def test_unreachable_server_is_a_typed_error() -> None:
         backend.subscribe("nowhere")
     assert time.monotonic() - started < 10
     backend.close()
+
+
+def test_wildcard_subscription_gets_large_frames_and_raw_publishers(
+    make: Any, nats_server: NatsServer, unique_topic: str
+) -> None:
+    """A pattern is NATS's own subject syntax: frames above max_payload (the
+    large-frame path) and a raw nats-py publisher's messages arrive with their topic."""
+    sub = make()
+    sub.subscribe(f"{unique_topic}.*")
+    pub = make()
+    big = frame(3 * MiB, 5)
+    pub.publish(f"{unique_topic}.front", big)
+    pub.flush(30)
+
+    async def raw() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.publish(f"{unique_topic}.rear", b"raw")
+        await nc.publish(f"{unique_topic}.rear.deep", b"not matched")
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(raw())
+    got = {m.topic: m.data for m in collect(sub, 2, 30)}
+    assert got == {f"{unique_topic}.front": big, f"{unique_topic}.rear": b"raw"}
+    assert sub.receive(0.5) is None
+    jetstream = make(MSIGHT_NATS_JETSTREAM="true")
+    with pytest.raises(InvalidTopicError, match="wildcard"):
+        jetstream.subscribe(f"{unique_topic}.*")

@@ -178,6 +178,15 @@ class NATSPubSub(QueueBackend):
             self._subscriber.subscribe(name), self._mode.subscribe_timeout, f"subscribe to {name!r}"
         )
 
+    def _subscribe_pattern(self, pattern: str) -> None:
+        # Core NATS only (capabilities.patterns): a JetStream topic is one stream.
+        self._connect()
+        self._conn.run(
+            self._subscriber.subscribe(pattern),
+            self._mode.subscribe_timeout,
+            f"subscribe to {pattern!r}",
+        )
+
     def _publish(self, name: str, data: bytes) -> None:
         conn = self._conn
         if conn.client is None:

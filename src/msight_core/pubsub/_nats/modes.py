@@ -42,7 +42,10 @@ Drain = Callable[[], Coroutine[Any, Any, None]]
 class CoreMode:
     """Core NATS: broadcast or queue groups, best-effort, nothing to acknowledge."""
 
-    capabilities = Capabilities(broadcast=True, groups=True, persistent=False, ordered=True)
+    # Wildcards are NATS's own subject syntax: a pattern is subscribed as it is.
+    capabilities = Capabilities(
+        broadcast=True, groups=True, persistent=False, ordered=True, patterns=True
+    )
     acknowledges = False
     headroom = 0
     """Bytes of ``max_payload`` an ordinary publish leaves for headers."""
