@@ -36,6 +36,7 @@ __all__ = [
     "QueueConfig",
     "RedisConfig",
     "Secret",
+    "ShmConfig",
     "backend_name",
     "environment",
     "kafka_client_conf",
@@ -44,6 +45,7 @@ __all__ = [
     "load_publish_config",
     "load_queue_config",
     "load_redis_config",
+    "load_shm_config",
     "mask_url",
     "masked",
     "nats_connect_options",
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 #: Valid values of ``MSIGHT_PUBSUB_BACKEND``.
-BACKENDS: tuple[str, ...] = ("redis", "nats", "kafka", "memory")
+BACKENDS: tuple[str, ...] = ("redis", "nats", "kafka", "memory", "shm")
 
 MiB = 1024 * 1024
 
@@ -311,6 +313,74 @@ class KafkaConfig(_MaskedRepr):
 
     def __hash__(self) -> int:
         return hash((self.servers, self.group_id))
+
+
+_SHM_DOMAIN_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class ShmConfig:
+    """Same-host shared-memory settings (``MSIGHT_SHM_*``), used by ``ShmPubSub``.
+
+    Every publisher of a topic reserves at most
+    ``max_frame_bytes x (max_subscribers x (buffer_depth + max_views + 1) + prefault_frames + 2)``
+    bytes of ``/dev/shm`` (:meth:`segment_bound`); the backend checks the free
+    space before it creates one and raises :class:`ConfigError` when it does not fit.
+    Only pages actually written are used: small frames cost little.
+    """
+
+    domain: str = "msight"
+    """Prefix of every shared-memory file; only processes of one OS user with the same
+    domain see each other (``MSIGHT_SHM_DOMAIN``; 1-32 of ``A-Za-z0-9_-``)."""
+    max_frame_bytes: int = 32 * MiB
+    """Largest payload; larger ones raise ``PayloadTooLargeError``
+    (``MSIGHT_SHM_MAX_FRAME_BYTES``)."""
+    max_subscribers: int = 8
+    """Subscriber instances per topic without a group; each group member has a service
+    of its own (``MSIGHT_SHM_MAX_SUBSCRIBERS``)."""
+    max_publishers: int = 8
+    """Publisher instances per topic (``MSIGHT_SHM_MAX_PUBLISHERS``)."""
+    buffer_depth: int = 4
+    """Samples waiting in shared memory for each subscriber; when a subscriber falls
+    this far behind, the oldest is dropped and counted (``MSIGHT_SHM_BUFFER_DEPTH``).
+    ``listen()``/``receive()`` move them at once into the receive queue
+    (``MSIGHT_QUEUE_*``); views are read straight from here."""
+    max_views: int = 2
+    """Views one subscriber instance may hold at once (``MSIGHT_SHM_MAX_VIEWS``)."""
+    max_group_members: int = 32
+    """Members of one group a publisher delivers to (``MSIGHT_SHM_MAX_GROUP_MEMBERS``)."""
+    prefault_frames: int = 4
+    """Frames of a new size whose memory a publisher touches ahead of use, so the
+    first frames are as fast as the rest; 0 to skip (``MSIGHT_SHM_PREFAULT_FRAMES``)."""
+    queue: QueueConfig = field(default_factory=QueueConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.domain, str) or not _SHM_DOMAIN_RE.match(self.domain):
+            raise ConfigError("shm domain must be 1-32 characters of A-Za-z0-9_-")
+        limits = {
+            "max_frame_bytes": (1024, 1 << 40),
+            "max_subscribers": (1, 256),
+            "max_publishers": (1, 256),
+            "buffer_depth": (1, 1024),
+            "max_views": (1, 256),
+            "max_group_members": (1, 1024),
+            "prefault_frames": (0, 64),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ConfigError(
+                    f"shm {name} must be an integer in [{low}, {high}], got {value!r}"
+                )
+
+    def samples_per_publisher(self, subscribers: int | None = None) -> int:
+        """Sample slots one publisher of a topic may need (``subscribers`` ports at most)."""
+        subs = self.max_subscribers if subscribers is None else subscribers
+        return subs * (self.buffer_depth + self.max_views + 1) + self.prefault_frames + 2
+
+    def segment_bound(self, subscribers: int | None = None) -> int:
+        """Most bytes of ``/dev/shm`` one publisher of a topic can use."""
+        return self.samples_per_publisher(subscribers) * (self.max_frame_bytes + 4096)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -853,3 +923,22 @@ def kafka_client_conf(config: KafkaConfig) -> dict[str, Any]:
         conf["ssl.ca.location"] = config.tls_ca_cert_file
     conf.update((k, v.reveal() if isinstance(v, Secret) else v) for k, v in config.client.items())
     return conf
+
+
+def load_shm_config(env: Mapping[str, str] | None = None, **overrides: Any) -> ShmConfig:
+    """Build a :class:`ShmConfig` from ``MSIGHT_SHM_*`` (and ``MSIGHT_QUEUE_*``)."""
+    e = _Env(env)
+    p = "MSIGHT_SHM_"
+    d = ShmConfig
+    config = ShmConfig(
+        domain=e.str(p + "DOMAIN") or d.domain,
+        max_frame_bytes=e.int(p + "MAX_FRAME_BYTES", d.max_frame_bytes, 1024, 1 << 40),
+        max_subscribers=e.int(p + "MAX_SUBSCRIBERS", d.max_subscribers, 1, 256),
+        max_publishers=e.int(p + "MAX_PUBLISHERS", d.max_publishers, 1, 256),
+        buffer_depth=e.int(p + "BUFFER_DEPTH", d.buffer_depth, 1, 1024),
+        max_views=e.int(p + "MAX_VIEWS", d.max_views, 1, 256),
+        max_group_members=e.int(p + "MAX_GROUP_MEMBERS", d.max_group_members, 1, 1024),
+        prefault_frames=e.int(p + "PREFAULT_FRAMES", d.prefault_frames, 0, 64),
+        queue=load_queue_config(env),
+    )
+    return _replace(config, overrides)

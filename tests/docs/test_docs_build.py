@@ -99,6 +99,7 @@ def _variables_read_by_the_loaders() -> set[str]:
     config.load_redis_config(env)
     config.load_nats_config(env=env)
     config.load_kafka_config(env=env)
+    config.load_shm_config(env)
     return env.asked
 
 

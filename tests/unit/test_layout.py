@@ -110,7 +110,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
         GRAPH.update(saved)
 
 
-@pytest.mark.parametrize("backend", ["redis", "nats", "kafka"])
+@pytest.mark.parametrize("backend", ["redis", "nats", "kafka", "shm"])
 def test_private_backend_package_is_reached_only_through_its_facade(backend: str) -> None:
     private = f"msight_core.pubsub._{backend}"
     assert private in MODULES, f"{private} is missing"
@@ -154,7 +154,7 @@ def test_pubsub_modules_stay_small() -> None:
     assert {n: s for n, s in sizes.items() if s > MAX_PUBSUB_LINES} == {}
 
 
-@pytest.mark.parametrize("package", ["_redis", "_nats", "_kafka"])
+@pytest.mark.parametrize("package", ["_redis", "_nats", "_kafka", "_shm"])
 def test_each_backend_package_says_what_lives_there(package: str) -> None:
     init = ROOT / "pubsub" / package / "__init__.py"
     doc = ast.get_docstring(ast.parse(init.read_text())) or ""

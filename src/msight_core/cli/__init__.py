@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="msight",
         description="MSight pub/sub over Redis, NATS and Kafka: demo, tools and checks.",
-        epilog="The backend comes from MSIGHT_PUBSUB_BACKEND (redis, nats, kafka, memory; "
+        epilog="The backend comes from MSIGHT_PUBSUB_BACKEND (redis, nats, kafka, memory, shm; "
         "default redis) and the MSIGHT_* variables of that backend.",
     )
     parser.add_argument("--version", action="version", version=f"msight-core {__version__}")

@@ -189,6 +189,8 @@ def resolve_target(
     kind = backend_name(env)
     if kind == "memory":
         return Target(kind, env, description="the in-process memory backend (no broker)")
+    if kind == "shm":
+        return Target(kind, env, description="shared memory on this host (no broker)")
     configured = any(env.get(var, "").strip() for var in _CONFIGURED_BY[kind])
     addresses = broker_addresses(kind, env)
     shown = ", ".join(f"{h}:{p}" for h, p in addresses)

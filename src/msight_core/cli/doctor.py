@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -25,6 +26,7 @@ from ..config import (
     load_nats_config,
     load_queue_config,
     load_redis_config,
+    load_shm_config,
     mask_url,
     masked,
 )
@@ -58,6 +60,8 @@ def run_doctor(backend: str | None, timeout: float, out: TextIO) -> int:
     if kind == "memory":
         w("\nverdict: OK - the memory backend needs no broker (in-process only)\n")
         return 0
+    if kind == "shm":
+        return _shm_verdict(config, w)
 
     w("\nconnection:\n")
     addresses = broker_addresses(kind, env)
@@ -103,7 +107,28 @@ def _load(kind: str, env: Mapping[str, str]) -> Any:
         return load_nats_config(env=env)
     if kind == "kafka":
         return load_kafka_config(env=env)
+    if kind == "shm":
+        return load_shm_config(env)
     return load_queue_config(env)
+
+
+def _shm_verdict(config: Any, w: Any) -> int:
+    """No broker: say whether /dev/shm holds what one publisher of a topic may use."""
+    need = config.segment_bound()
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        w("\nverdict: FAIL - no /dev/shm on this system\n")
+        return 1
+    free = st.f_bavail * st.f_frsize
+    w(f"\nshared memory:\n  /dev/shm free {free / 2**20:.0f} MiB, one publisher of a topic "
+      f"may use up to {need / 2**20:.0f} MiB\n")  # fmt: skip
+    if need > free:
+        w("\nverdict: FAIL - /dev/shm is too small (docker run --shm-size, or lower "
+          "MSIGHT_SHM_MAX_FRAME_BYTES / MSIGHT_SHM_MAX_SUBSCRIBERS)\n")  # fmt: skip
+        return 1
+    w("\nverdict: OK - the shm backend needs no broker (processes of this host and user)\n")
+    return 0
 
 
 def render_config(config: Any, prefix: str = "") -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .memory import MemoryPubSub
     from .nats import NATSPubSub
     from .redis import RedisPubSub
+    from .shm import ShmPubSub
 
 __all__ = [
     "Capabilities",
@@ -28,6 +29,7 @@ __all__ = [
     "NATSPubSub",
     "PubSubBackend",
     "RedisPubSub",
+    "ShmPubSub",
     "get_pubsub",
 ]
 
@@ -36,6 +38,7 @@ _LAZY = {
     "NATSPubSub": ".nats",
     "KafkaPubSub": ".kafka",
     "MemoryPubSub": ".memory",
+    "ShmPubSub": ".shm",
 }
 
 
@@ -53,7 +56,7 @@ def get_pubsub(group_id: str | None = None, env: Mapping[str, str] | None = None
 
     Args:
         group_id: load-balancing group (NATS queue group, Kafka consumer group,
-            memory group). Redis has no groups: every subscriber gets everything.
+            memory or shm group). Redis has no groups: every subscriber gets everything.
         env: environment mapping to read instead of ``os.environ``.
 
     Raises:
@@ -84,6 +87,11 @@ def get_pubsub(group_id: str | None = None, env: Mapping[str, str] | None = None
         from .utils import get_kafka_config
 
         return KafkaPubSub(get_kafka_config(group_id, env=env))
+    if name == "shm":
+        from ..config import load_shm_config
+        from .shm import ShmPubSub
+
+        return ShmPubSub(load_shm_config(env), group_id=group_id)
     from ..config import load_queue_config
     from .memory import MemoryPubSub
 
