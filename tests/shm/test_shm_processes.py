@@ -26,7 +26,10 @@ def test_broadcast_to_three_subscriber_processes_in_order(
         # Small and large messages interleaved: batches and single samples keep one order.
         size = 300_000 if i % 50 == 0 else 64
         pub.publish("cam.frames", b"%d:" % i + bytes(size))
-        if i % 50 == 0:
+        if i % 10 == 0:
+            # Subscribers that keep up lose nothing; flat out on a starved 2-core
+            # machine they fall more than MSIGHT_SHM_BUFFER_DEPTH samples behind and
+            # lose the oldest by design (test_shm_limits.py tests that).
             time.sleep(0.01)
     pub.flush()
     for sub in subs:
