@@ -2,9 +2,20 @@
 
 Importing this package connects to nothing, reads no environment variable and
 imports no broker client; backends load when first used.
+
+Logging: every module logs to a logger under ``msight_core``, which carries a
+``NullHandler``; the library never configures logging. An application decides
+where records go (``logging.basicConfig(...)``). Two places act as the
+application: a node's ``spin()`` adds a plain stderr handler to the root logger
+only when it has none (a bare node script shows its log; a configured
+application is left alone), and the ``msight`` command line logs to stderr
+(more with ``-v``).
 """
 
 from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
 
 from .errors import (
     AuthenticationError,
@@ -25,7 +36,12 @@ from .errors import (
 from .pubsub import PubSubBackend, get_pubsub
 from .topics import Topic
 
-__version__ = "0.1.0"
+try:
+    __version__: str = version("msight-core")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",

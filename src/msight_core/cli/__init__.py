@@ -5,13 +5,22 @@ Commands::
     msight demo      stream synthetic camera frames and point clouds, live table
     msight broker    run an embedded redis|nats|kafka broker in the foreground
     msight pub       publish stdin or a file to a topic
-    msight sub       print or save what arrives on a topic
+    msight sub       print or save what arrives on a topic (alias: echo)
+    msight record    record topics to an MCAP file
+    msight play      publish a recording again, with its recorded timing
+    msight view      a Foxglove WebSocket server showing live topics or a recording
+    msight topics    what the broker knows: topics, subscribers, partitions, streams
+    msight hz        message rate of topics (min/max/std of the gaps)
+    msight bw        bandwidth of topics (bytes/s, message sizes)
     msight bench     throughput and latency vs message size, msight vs raw client
     msight doctor    resolved configuration, connection check, broker limits
 
 Thin by design: arguments -> configuration -> public API; the commands live in
 the modules of this package. Errors print one line and exit non-zero: 1 for a
-failure, 2 for bad arguments, 130 for an interrupt during shutdown.
+failure, 2 for bad arguments, 130 for an interrupt during shutdown. Commands
+that talk to other processes (pub, sub, record, play, view, hz, bw, topics)
+refuse the in-process ``memory`` backend with exit code 2: nothing would reach
+them or leave them.
 """
 
 from __future__ import annotations
@@ -20,15 +29,23 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..config import BACKENDS
 from ..errors import MissingDependencyError, MsightError
+from .common import HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
+_BROKERS = ("redis", "nats", "kafka")  # what `msight broker` can run
+
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)  # defaults shown in --help
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"msight: error: {message} (see {self.prog} --help)\n")
 
@@ -53,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def backend_args(p: argparse.ArgumentParser, embedded: bool) -> None:
         p.add_argument(
-            "--backend", choices=BACKENDS, help="override MSIGHT_PUBSUB_BACKEND for this run"
-        )
+            "--backend", choices=BACKENDS,
+            help="backend for this run (default: MSIGHT_PUBSUB_BACKEND, else redis)",
+        )  # fmt: skip
         if embedded:
             group = p.add_mutually_exclusive_group()
             group.add_argument(
@@ -87,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an embedded broker from the pinned wheels and print the MSIGHT_* "
         "exports that point at it. Ctrl-C stops it.",
     )
-    p.add_argument("kind", choices=("redis", "nats", "kafka"))
+    p.add_argument(
+        "kind", nargs="?", choices=_BROKERS, metavar="{redis,nats,kafka}",
+        help="same as --backend (kept for scripts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--backend", choices=_BROKERS,
+        help="broker to run (default: MSIGHT_PUBSUB_BACKEND, else redis)",
+    )  # fmt: skip
     p.add_argument("--port", type=int, help="port to listen on (default: a free one)")
 
     p = sub.add_parser(
@@ -98,23 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
         "backend (on Kafka through one partition unless MSIGHT_KAFKA_ORDERED says otherwise).",
     )
     backend_args(p, embedded=False)
-    p.add_argument("topic")
+    p.add_argument("topic", help="topic to publish to")
     p.add_argument("--file", "-f", help="read from this file instead of stdin")
     p.add_argument("--whole", action="store_true", help="send everything as one message")
 
     p = sub.add_parser(
         "sub",
+        aliases=["echo"],
         help="print or save what arrives on a topic",
         description="Print what arrives on TOPIC, one line per message (msight Data as a "
         "summary, text as it is, binary as a hex preview), or save each message to a file "
         "(--out). Exits 1 if --count messages did not arrive within --timeout.",
     )
     backend_args(p, embedded=False)
-    p.add_argument("topic")
+    p.add_argument("topic", help="topic to subscribe to")
     p.add_argument("--count", "-n", type=int, help="stop after N messages")
     p.add_argument("--group", "-g", help="join this load-balancing group (nats, kafka)")
     p.add_argument("--timeout", "-t", type=float, help="stop after this many seconds")
-    p.add_argument("--out", dest="out_dir", metavar="DIR", help="save each message to a file")
+    p.add_argument(
+        "--out", dest="out_dir", metavar="DIR",
+        help="save each message to a file (.bin), images also as PNG, arrays as .npy",
+    )  # fmt: skip
     p.add_argument("--raw", action="store_true", help="write payloads as they are to stdout")
 
     p = sub.add_parser(
@@ -132,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="save a plot of the results")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results")
     p.add_argument("--no-raw", action="store_true", help="skip the raw client")
+
+    from . import introspect, play, record, view
+
+    record.add_parser(sub, backend_args)
+    play.add_parser(sub, backend_args)
+    view.add_parser(sub, backend_args)
+    introspect.add_parsers(sub, backend_args)
 
     p = sub.add_parser("doctor", help="configuration, connection check and broker limits")
     p.add_argument("--backend", choices=BACKENDS, help="override MSIGHT_PUBSUB_BACKEND")
@@ -173,15 +209,18 @@ def _run(args: argparse.Namespace) -> int:
     from .common import resolve_target
 
     out, err = sys.stdout, sys.stderr
+    handler = getattr(args, "run", None)
+    if handler is not None:  # record, play, view, topics, hz, bw
+        return int(handler(args, out, err))
     if args.command == "broker":
-        from .tools import run_broker
+        from .tools import broker_kind, run_broker
 
-        return run_broker(args.kind, args.port, out, err)
+        return run_broker(broker_kind(args.kind, args.backend), args.port, out, err)
     if args.command == "doctor":
         from .doctor import run_doctor
 
         return run_doctor(args.backend, args.timeout, out)
-    if args.command in ("pub", "sub"):
+    if args.command in ("pub", "sub", "echo"):
         from . import tools
 
         if args.command == "pub":

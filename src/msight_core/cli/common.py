@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import socket
 import sys
@@ -24,6 +25,7 @@ from ..errors import ConfigError, MsightError
 __all__ = [
     "EMBEDDED_NATS_MAX_PAYLOAD",
     "CliError",
+    "HelpFormatter",
     "Target",
     "base_env",
     "broker_addresses",
@@ -32,6 +34,7 @@ __all__ = [
     "parse_size",
     "parse_sizes",
     "reachable",
+    "refuse_in_process",
     "render_table",
     "resolve_target",
     "say",
@@ -74,6 +77,18 @@ class CliError(MsightError):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it has none (``None``), it is
+    an on/off flag, or its help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        flag = action.nargs == 0  # store_true/store_false/count: the name says it
+        if flag or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def base_env() -> dict[str, str]:
@@ -224,6 +239,25 @@ def resolve_target(
             f"{kind} broker on {broker.address}"
         )
     return target
+
+
+def refuse_in_process(target: Target, command: str) -> None:
+    """Stop a command that talks to other processes when the backend is ``memory``.
+
+    The memory backend lives inside one process: what ``msight pub`` publishes
+    there reaches nobody, and ``msight sub`` hears nothing. Exit code 2.
+
+    Raises:
+        CliError: ``target`` is the in-process memory backend.
+    """
+    if target.backend == "memory":
+        raise CliError(
+            f"`msight {command}` cannot use the memory backend: it only connects code "
+            "inside one process, so nothing would reach or leave this command. Pick a "
+            "broker with --backend redis|nats|kafka (or shm on one machine), or set "
+            "MSIGHT_PUBSUB_BACKEND",
+            code=2,
+        )
 
 
 # --------------------------------------------------------------------------- formatting

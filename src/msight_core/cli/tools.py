@@ -1,4 +1,11 @@
-"""``msight broker``, ``msight pub`` and ``msight sub``.
+"""``msight broker``, ``msight pub`` and ``msight sub`` (alias ``msight echo``).
+
+``msight sub --out DIR`` saves each message as it arrived (``.bin``) and, next
+to it, what a person wants to open: a decodable raw image as a PNG (8 or 16 bit
+gray, RGB from msight's BGR, or RGBA), an encoded image in its own format
+(``.jpg``/``.png``), and every other array of the message as a ``.npy``. The PNG
+encoder is the few lines of :func:`png_bytes` (zlib), not matplotlib's
+``imsave``, which maps 2-D arrays through a colour map and rescales them.
 
 What ``msight sub`` prints comes from whoever could publish on the topic: every
 received string goes through :func:`escape_control` before it reaches the
@@ -9,19 +16,34 @@ unchanged, for pipes and files.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import signal
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+import numpy as np
+
+from ..config import backend_name
 from ..errors import DeserializationError
 from ..pubsub import get_pubsub
 from ..topics import topic_name
-from .common import CliError, Target, fmt_bytes, start_embedded
+from .common import CliError, Target, base_env, fmt_bytes, refuse_in_process, start_embedded
 
-__all__ = ["describe_payload", "escape_control", "run_broker", "run_pub", "run_sub"]
+__all__ = [
+    "broker_kind",
+    "describe_payload",
+    "escape_control",
+    "png_bytes",
+    "run_broker",
+    "run_pub",
+    "run_sub",
+    "save_decoded",
+]
 
 _FIELD_LIMIT = 120  # characters of one received name shown in a summary line
 
@@ -46,6 +68,21 @@ def escape_control(text: str, limit: int | None = None) -> str:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def broker_kind(positional: str | None, option: str | None) -> str:
+    """The broker ``msight broker`` runs: ``--backend``, the positional, or the configured one.
+
+    Raises:
+        CliError: both given and different, or the configured backend has no broker.
+    """
+    if positional and option and positional != option:
+        raise CliError(f"msight broker {positional} --backend {option}: pick one", code=2)
+    kind = option or positional or backend_name(base_env())
+    if kind not in ("redis", "nats", "kafka"):
+        raise CliError(f"the {kind} backend needs no broker: run one of redis, nats, kafka "
+                       "(msight broker --backend nats)", code=2)  # fmt: skip
+    return kind
 
 
 def run_broker(kind: str, port: int | None, out: TextIO, err: TextIO) -> int:
@@ -93,6 +130,7 @@ def run_pub(target: Target, topic: str, source: BinaryIO, whole: bool, err: Text
         InvalidTopicError: the topic name is not portable.
         MsightError: the backend failed (unreachable, payload too large ...).
     """
+    refuse_in_process(target, "pub")
     name = topic_name(topic)
     count = size = 0
     env = dict(target.env)
@@ -134,6 +172,7 @@ def run_sub(
         CliError: timed out before ``count`` messages.
         MsightError: the backend failed.
     """
+    refuse_in_process(target, "sub")
     name = topic_name(topic)
     if count is not None and count < 1:
         raise CliError("--count must be at least 1", code=2)
@@ -161,9 +200,13 @@ def run_sub(
                 continue
             received += 1
             if directory is not None:
-                path = directory / f"{message.topic}.{received:06d}.bin"
+                stem = directory / f"{message.topic}.{received:06d}"
+                path = stem.with_name(stem.name + ".bin")
                 path.write_bytes(message.data)
-                out.write(f"{escape_control(str(path))}\n")
+                out.writelines(
+                    f"{escape_control(str(saved))}\n"
+                    for saved in [path, *save_decoded(message.data, stem)]
+                )
             elif raw:
                 out.flush()
                 sys.stdout.buffer.write(message.data + b"\n")
@@ -224,3 +267,85 @@ def _describe_data(data: bytes) -> str | None:
     parts.append(f"({fmt_bytes(len(data))})")
     # Names and formats are the sender's strings: escaped, and cut to a line's worth.
     return " ".join(escape_control(part, _FIELD_LIMIT) for part in parts)
+
+
+# --------------------------------------------------------------------------- --out files
+
+
+def save_decoded(data: bytes, stem: Path) -> list[Path]:
+    """Save what a person opens from a decodable message next to ``stem``.bin.
+
+    A raw image becomes ``stem.png`` (uint8/uint16 with 1-4 channels; else
+    ``stem.image.npy``), encoded image bytes ``stem.jpg``/``stem.png``, and every
+    other array field ``stem.<field>.npy``. Nothing for a payload that is not
+    msight Data. Returns the paths written.
+    """
+    from ..data import Data, ImageData
+
+    try:
+        value = Data.deserialize(data)
+    except (DeserializationError, TypeError, ValueError):
+        return []
+    written: list[Path] = []
+
+    def save(suffix: str, content: bytes) -> None:
+        path = stem.with_name(stem.name + suffix)
+        path.write_bytes(content)
+        written.append(path)
+
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        if isinstance(value, ImageData) and f.name == "image" and item is not None:
+            if isinstance(item, bytes):
+                ext = {"jpeg": ".jpg", "png": ".png"}.get(value.format, "." + value.format[:8])
+                save(ext if ext[1:].isalnum() else ".img", item)
+                continue
+            png = png_bytes(item, bgr=True)
+            if png is not None:
+                save(".png", png)
+                continue
+        if isinstance(item, np.ndarray):
+            save(f".{f.name}.npy", _npy(item))
+    return written
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_bytes(image: np.ndarray, bgr: bool = False) -> bytes | None:
+    """A PNG of ``image`` (``(H, W)`` or ``(H, W, 1-4)`` of uint8 or uint16), or ``None``.
+
+    Exact pixels, no scaling. With ``bgr`` a 3- or 4-channel image is taken as
+    BGR(A), OpenCV's and msight's order, and written as RGB(A).
+    """
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.dtype not in (np.uint8, np.uint16) or not 1 <= image.shape[2] <= 4:
+        return None
+    height, width, channels = image.shape
+    if height == 0 or width == 0:
+        return None
+    if bgr and channels >= 3:
+        image = image[:, :, [2, 1, 0, 3][:channels]]
+    depth = 8 * image.dtype.itemsize
+    rows = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder(">")).reshape(height, -1)
+    raw = np.empty((height, rows.shape[1] * rows.itemsize + 1), np.uint8)
+    raw[:, 0] = 0  # filter type None on every row
+    raw[:, 1:] = rows.view(np.uint8).reshape(height, -1)
+    color = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # gray, gray+alpha, RGB, RGBA
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", header),
+        chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)), chunk(b"IEND", b""),
+    ))  # fmt: skip

@@ -6,8 +6,9 @@ a fresh, unconnected backend pointed at a real broker::
 
     class TestMyConformance(PubSubConformance):
         @pytest.fixture
-        def make_backend(self, redis_server):
-            return lambda group_id=None: RedisPubSub(load_redis_config(redis_server.env()))
+        def make_backend(self, msight_redis_server):
+            config = load_redis_config(msight_redis_server.env())
+            return lambda group_id=None: RedisPubSub(config)
 
 What a backend does not offer (its ``capabilities``) is skipped with a reason,
 never passed silently. Backends must provide ``receive(timeout)`` (all msight
@@ -75,6 +76,11 @@ class PubSubConformance:
     @pytest.fixture
     def make_backend(self) -> Callable[..., PubSubBackend]:  # pragma: no cover - overridden
         raise NotImplementedError("define a make_backend fixture in the subclass")
+
+    @pytest.fixture
+    def unique_topic(self, msight_unique_topic: str) -> str:
+        """This test's own topic (the plugin's ``msight_unique_topic``)."""
+        return msight_unique_topic
 
     @pytest.fixture
     def backends(self, make_backend: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
