@@ -63,7 +63,6 @@ class Publisher(Outbox):
         self._unconfirmed: set[str] = set()  # after a reconnect: no receiver seen yet
         self._hold_until = 0.0
         self.held_seconds = 0.0
-        self.resent = 0
 
     def publish(self, name: str, data: bytes) -> None:
         """Queue one message for channel ``name``; blocks only while the buffer is full.
@@ -91,7 +90,6 @@ class Publisher(Outbox):
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
-        out["resent"] = self.resent
         out["held_for_resubscribe_s"] = round(self.held_seconds, 3)
         return out
 
@@ -267,20 +265,11 @@ class Publisher(Outbox):
             self._sock = None
             self.reconnects += 1
         if self._inflight:
-            # No reply: Redis may or may not have handled them. Send them again
-            # first (a subscriber may see a message twice, rather than never).
-            entries = list(self._inflight)
+            # No reply: Redis may or may not have handled them. Not sent again, so a
+            # subscriber never sees a message twice (best-effort); counted instead.
+            self.possibly_lost += len(self._inflight)
             self._inflight.clear()
             self._inflight_bytes = 0
-            again: list[bytes] = []
-            for _, header, data in entries:
-                again += (header, data, b"\r\n")
-            self._pending[:0] = again
-            self._names[:0] = [entry[0] for entry in entries]
-            self._pending_msgs += len(entries)
-            self._pending_bytes += sum(len(entry[2]) for entry in entries)
-            self.published -= len(entries)
-            self.resent += len(entries)
         self._unreplied = 0
         problem = str(exc) if isinstance(exc, MsightError) else f"{type(exc).__name__}: {exc}"
         if self._last_problem is None:
