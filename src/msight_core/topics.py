@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ __all__ = [
     "get_topic",
     "is_topic_pattern",
     "list_topics",
+    "subscription_name",
+    "topic_filter",
     "topic_matcher",
     "topic_name",
     "validate_topic_name",
@@ -143,6 +146,41 @@ def topic_matcher(pattern: str) -> re.Pattern[str]:
         else:
             parts.append(re.escape(token))
     return re.compile(r"\.".join(parts))
+
+
+def subscription_name(topic: Any) -> str:
+    """What ``subscribe()`` takes: a validated topic name, or a wildcard pattern.
+
+    ``camera1.*`` and ``camera1.>`` are checked with :func:`validate_topic_pattern`;
+    anything else (a :class:`Topic` or a plain name) with :func:`topic_name`.
+
+    Raises:
+        InvalidTopicError: neither a portable name nor a portable pattern.
+    """
+    if isinstance(topic, str) and is_topic_pattern(topic):
+        return validate_topic_pattern(topic)
+    return topic_name(topic)
+
+
+def topic_filter(subscriptions: Iterable[str]) -> Callable[[str], bool]:
+    """A predicate true for the topics that names or patterns in ``subscriptions`` cover.
+
+    Raises:
+        InvalidTopicError: an entry is neither a portable name nor a portable pattern.
+    """
+    names: set[str] = set()
+    matchers: list[re.Pattern[str]] = []
+    for entry in subscriptions:
+        entry = subscription_name(entry)
+        if is_topic_pattern(entry):
+            matchers.append(topic_matcher(entry))
+        else:
+            names.add(entry)
+
+    def covers(topic: str) -> bool:
+        return topic in names or any(m.fullmatch(topic) for m in matchers)
+
+    return covers
 
 
 def topic_name(topic: Any) -> str:

@@ -249,3 +249,36 @@ def test_recorder_writes_sensor_types_and_capture_times(tmp_path: Path) -> None:
     assert got["m.cloud"].publish_time == 12_500_000_000
     assert got["m.det"].publish_time == 7_000_000_000
     assert got["m.det"].log_time > got["m.cloud"].log_time
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("broker_env", ["redis", "nats"], indirect=True)
+def test_patterns_record_sub_hz_and_play_filter(
+    cli: Any, broker_env: dict[str, str], unique_topic: str, tmp_path: Path
+) -> None:
+    """`camera1.>`-style patterns in record, sub and hz; play --topics takes them too."""
+    frames, points, other = (f"{unique_topic}.cam.frames", f"{unique_topic}.lidar.points",
+                             f"{unique_topic}x.cam.frames")  # fmt: skip
+    path = tmp_path / "patterns.mcap"
+    rec = cli.start("record", f"{unique_topic}.>", "-o", str(path), env=broker_env)
+    sub = cli.start("sub", f"{unique_topic}.*.frames", "-n", "3", env=broker_env)
+    hz = cli.start("hz", f"{unique_topic}.>", "--duration", "8", "--interval", "1",
+                   env=broker_env)  # fmt: skip
+    for running in (rec, sub, hz):
+        running.wait_line("Ctrl-C", timeout=90, stream="err")
+    sent = [(frames if i % 2 else points, f"m{i}".encode()) for i in range(12)]
+    _publish(broker_env, [(other, b"not covered"), *sent], gap=0.05)
+    time.sleep(1.5)
+    _stop(rec)
+    assert _sequence(path) == sent  # the other prefix is not recorded
+    assert sub.wait(30) == 0, sub.stderr
+    assert sub.stdout.splitlines() == [f"{frames}: m1", f"{frames}: m3", f"{frames}: m5"]
+    assert hz.wait(60) == 0, hz.stderr
+    measured = {line.split(":")[0] for line in hz.stdout.splitlines() if line.strip()}
+    assert {frames, points} <= measured and other not in measured, hz.stdout
+
+    from msight_core.cli.play import recorded_messages
+
+    only = [m.topic for m in recorded_messages([path], [f"{unique_topic}.*.points"])]
+    assert only == [points] * 6
+    assert cli.run("sub", "bad.>.x", env=broker_env).returncode != 0

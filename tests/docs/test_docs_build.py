@@ -69,6 +69,7 @@ def test_every_backend_class_is_documented(site: Path) -> None:
         ("reference/redis", "msight_core.pubsub.redis.RedisPubSub"),
         ("reference/nats", "msight_core.pubsub.nats.NATSPubSub"),
         ("reference/kafka", "msight_core.pubsub.kafka.KafkaPubSub"),
+        ("reference/shm", "msight_core.pubsub.shm.ShmPubSub"),
         ("reference/memory", "msight_core.pubsub.memory.MemoryPubSub"),
         ("reference/pubsub", "msight_core.pubsub.get_pubsub"),
     ]:

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(--out). Exits 1 if --count messages did not arrive within --timeout.",
     )
     backend_args(p, embedded=False)
-    p.add_argument("topic", help="topic to subscribe to")
+    p.add_argument(
+        "topic", help="topic to subscribe to, or a pattern (camera1.>, camera1.*.frames)"
+    )
     p.add_argument("--count", "-n", type=int, help="stop after N messages")
     p.add_argument("--group", "-g", help="join this load-balancing group (nats, kafka)")
     p.add_argument("--timeout", "-t", type=float, help="stop after this many seconds")

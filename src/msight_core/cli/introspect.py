@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from ..config import kafka_client_conf, load_kafka_config, load_nats_config, mask_url
 from ..errors import MissingDependencyError
 from ..pubsub import get_pubsub
-from ..topics import topic_name
+from ..topics import is_topic_pattern, subscription_name
 from .common import CliError, Target, fmt_bytes, refuse_in_process, render_table, resolve_target
 from .tools import escape_control
 
@@ -99,7 +99,7 @@ def format_bw(topic: str, window: RateWindow) -> str:
 
 def run_rate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``msight hz`` / ``msight bw``: report until Ctrl-C, SIGTERM or ``--duration``."""
-    topics = [topic_name(t) for t in args.topics]
+    topics = [subscription_name(t) for t in args.topics]
     if args.window < 2:
         raise CliError("--window must be at least 2", code=2)
     if not args.interval > 0:
@@ -107,7 +107,8 @@ def run_rate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     fmt = format_hz if args.command == "hz" else format_bw
     target = resolve_target(args.backend, embedded="never")
     refuse_in_process(target, args.command)
-    windows = {t: RateWindow(args.window) for t in topics}
+    # A pattern's topics get their windows as their messages come.
+    windows = {t: RateWindow(args.window) for t in topics if not is_topic_pattern(t)}
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -136,8 +137,9 @@ def run_rate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 if message is not None:
                     arrived = time.monotonic()
                     window = windows.get(message.topic)
-                    if window is not None:
-                        window.add(arrived, len(message.data))
+                    if window is None:
+                        window = windows[message.topic] = RateWindow(args.window)
+                    window.add(arrived, len(message.data))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -283,7 +285,7 @@ def add_parsers(sub: Any, backend_args: Callable[..., None]) -> None:
             "decoded.",
         )
         backend_args(p, embedded=False)
-        p.add_argument("topics", nargs="+", metavar="TOPIC", help="topics to measure")
+        p.add_argument("topics", nargs="+", metavar="TOPIC", help="topics (or patterns) to measure")
         p.add_argument("--window", "-w", type=int, default=window,
                        help="messages per topic the figures cover")  # fmt: skip
         p.add_argument("--interval", type=float, default=1.0, help="seconds between reports")

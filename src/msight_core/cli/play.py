@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..pubsub import get_pubsub
-from ..topics import topic_name
+from ..topics import is_topic_pattern, subscription_name, topic_filter, topic_name
 from .common import CliError, fmt_bytes, refuse_in_process, resolve_target
 from .mcapfile import Recorded, read_info, read_messages
 
@@ -48,7 +48,11 @@ class PlayOptions:
 
 
 def recorded_messages(files: Sequence[Path], topics: Sequence[str] | None) -> Iterator[Recorded]:
-    """The messages of ``files``, one file after the other."""
+    """The messages of ``files``, one file after the other; ``topics`` may hold patterns."""
+    if topics and any(is_topic_pattern(t) for t in topics):
+        covers = topic_filter(topics)
+        every = itertools.chain.from_iterable(read_messages(f, None) for f in files)
+        return (m for m in every if covers(m.topic))
     return itertools.chain.from_iterable(read_messages(f, topics) for f in files)
 
 
@@ -193,7 +197,7 @@ def run_play(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     infos = recording_infos(files)
     options = PlayOptions(
         files=files, rate=args.rate, loop=args.loop,
-        topics=[topic_name(t) for t in args.topics] if args.topics else None,
+        topics=[subscription_name(t) for t in args.topics] if args.topics else None,
         remap=parse_remap(args.remap), start=args.start,
     )  # fmt: skip
     target = resolve_target(args.backend, embedded="never")

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 from ..errors import DeserializationError
 from ..pubsub import get_pubsub
-from ..topics import topic_name
+from ..topics import subscription_name
 from .common import CliError, fmt_bytes, parse_size, refuse_in_process, resolve_target
 from .mcapfile import COMPRESSIONS, McapFileWriter
 
@@ -360,7 +360,12 @@ def add_parser(sub: Any, backend_args: Callable[..., None]) -> None:
         "(at most 1 s or --chunk-size lost). The drop count is printed at the end.",
     )
     backend_args(p, embedded=False)
-    p.add_argument("topics", nargs="+", metavar="TOPIC", help="topics to record")
+    p.add_argument(
+        "topics",
+        nargs="+",
+        metavar="TOPIC",
+        help="topics to record, or patterns (camera1.>, camera1.*.frames) where the backend has them",
+    )
     p.add_argument(
         "-o", "--output", metavar="FILE", default=None,
         help="MCAP file to write (default: msight-<date>-<time>.mcap)",
@@ -406,7 +411,7 @@ def _options(args: argparse.Namespace) -> RecordOptions:
 
 def run_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run ``msight record``; SIGINT and SIGTERM stop it cleanly."""
-    topics = [topic_name(t) for t in args.topics]
+    topics = [subscription_name(t) for t in args.topics]
     options = _options(args)
     target = resolve_target(args.backend, embedded="never")
     refuse_in_process(target, "record")

@@ -31,7 +31,7 @@ import numpy as np
 from ..config import backend_name
 from ..errors import DeserializationError
 from ..pubsub import get_pubsub
-from ..topics import topic_name
+from ..topics import subscription_name, topic_name
 from .common import CliError, Target, base_env, fmt_bytes, refuse_in_process, start_embedded
 
 __all__ = [
@@ -173,7 +173,7 @@ def run_sub(
         MsightError: the backend failed.
     """
     refuse_in_process(target, "sub")
-    name = topic_name(topic)
+    name = subscription_name(topic)
     if count is not None and count < 1:
         raise CliError("--count must be at least 1", code=2)
     if timeout is not None and timeout <= 0:
@@ -212,6 +212,8 @@ def run_sub(
                 sys.stdout.buffer.write(message.data + b"\n")
                 sys.stdout.buffer.flush()
                 continue
+            elif name != message.topic:  # a pattern: say which topic it came from
+                out.write(f"{message.topic}: {describe_payload(message.data)}\n")
             else:
                 out.write(describe_payload(message.data) + "\n")
             out.flush()

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import DeserializationError, MissingDependencyError
 from ..pubsub import get_pubsub
-from ..topics import topic_name
+from ..topics import subscription_name
 from .common import CliError, refuse_in_process, resolve_target
 
 __all__ = ["FoxgloveBridge", "add_parser", "run_view", "summary"]
@@ -304,7 +304,7 @@ def add_parser(sub: Any, backend_args: Callable[..., None]) -> None:
     )
     backend_args(p, embedded=False)
     p.add_argument("topics", nargs="*", metavar="TOPIC",
-                   help="live topics to show (with --file: the recorded topics to show)")  # fmt: skip
+                   help="live topics or patterns to show (with --file: the recorded ones to show)")  # fmt: skip
     p.add_argument("--file", nargs="+", metavar="FILE", help="play these MCAP files instead")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 shares it with the network)")  # fmt: skip
@@ -317,7 +317,7 @@ def add_parser(sub: Any, backend_args: Callable[..., None]) -> None:
 
 def run_view(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run ``msight view`` until Ctrl-C, SIGTERM, --duration or the end of --file."""
-    topics = [topic_name(t) for t in args.topics]
+    topics = [subscription_name(t) for t in args.topics]
     if not topics and not args.file:
         raise CliError("name the live TOPICs to show, or a recording with --file", code=2)
     if not args.rate > 0:

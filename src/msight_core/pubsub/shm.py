@@ -270,7 +270,10 @@ class ShmPubSub(QueueBackend):
         touching its segment (tens of ms for 16 MB). Blocks for that work.
 
         Raises:
-            the same errors as :meth:`loan`.
+            TypeError / ValueError: ``nbytes`` is not a non-negative int.
+            PayloadTooLargeError: above ``MSIGHT_SHM_MAX_FRAME_BYTES``.
+            BackpressureError: too many loans outstanding on this topic.
+            ClosedError: the backend was closed.
         """
         self.loan(topic, nbytes).discard()
 
