@@ -24,6 +24,7 @@ from .outbox import (
     RESUBSCRIBE_GRACE,
     Outbox,
 )
+from .pacing import CHECK_BYTES, POLL, QUERY, Pacer, parse_client_list
 from .wire import Endpoint, connect, hiredis, send_buffers
 
 __all__ = ["Publisher"]
@@ -63,6 +64,7 @@ class Publisher(Outbox):
         self._unconfirmed: set[str] = set()  # after a reconnect: no receiver seen yet
         self._hold_until = 0.0
         self.held_seconds = 0.0
+        self._pacer = Pacer()
 
     def publish(self, name: str, data: bytes) -> None:
         """Queue one message for channel ``name``; blocks only while the buffer is full.
@@ -91,6 +93,7 @@ class Publisher(Outbox):
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         out["held_for_resubscribe_s"] = round(self.held_seconds, 3)
+        out["paced_s"] = round(self._pacer.waited, 3)
         return out
 
     def _interrupt(self) -> None:
@@ -122,7 +125,7 @@ class Publisher(Outbox):
                 if self._unconfirmed:
                     batch, names, held = self._split_at_unconfirmed(batch, names)
                 if batch:
-                    self._send(batch, names)
+                    self._send_paced(batch, names)
                     with self._cond:
                         more = bool(self._pending)
                     if (
@@ -153,6 +156,76 @@ class Publisher(Outbox):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def _send_paced(self, batch: list[bytes], names: list[str]) -> None:
+        """Send ``batch`` in pieces of about ``CHECK_BYTES``, looking at the
+        subscribers' output buffers between pieces (see :mod:`.pacing`).
+
+        On a failure, what was not sent is left in ``batch``/``names`` (the
+        caller puts it back in the buffer)."""
+        pacer = self._pacer
+        if not pacer.enabled:
+            self._send(batch, names)
+            return
+        sizes = [len(b) for b in batch[1::3]]
+        if pacer.unsent_check + sum(sizes) < CHECK_BYTES:
+            self._send(batch, names)
+            pacer.sent(sum(sizes))
+            return
+        while names:
+            if pacer.due():
+                self._pace()
+            room, count, nbytes = CHECK_BYTES - pacer.unsent_check, 0, 0
+            for size in sizes:
+                if count and nbytes + size > room:
+                    break
+                count += 1
+                nbytes += size
+            piece, piece_names = batch[: 3 * count], names[:count]
+            del batch[: 3 * count], names[:count], sizes[:count]
+            try:
+                self._send(piece, piece_names)
+            except BaseException:
+                batch[:0] = piece  # not confirmed sent (or not sent at all)
+                names[:0] = piece_names
+                raise
+            pacer.sent(nbytes)
+
+    def _pace(self) -> None:
+        """Wait while a subscriber's output buffer on the server is above the mark."""
+        sock = self._sock
+        assert sock is not None
+        if self._unreplied:
+            self._read_replies()
+        started = time.monotonic()
+        while True:
+            sock.sendall(QUERY)
+            header = self._read_line(sock)
+            if not header.startswith(b"$"):
+                self._pacer.refused(header)
+                return
+            listing = self._read_exact(sock, int(header[1:]) + 2)[:-2]
+            now = time.monotonic()
+            if not self._pacer.must_wait(parse_client_list(listing), now):
+                break
+            with self._cond:
+                if self._abort:
+                    break
+            time.sleep(POLL)
+        self._pacer.waited += time.monotonic() - started
+
+    def _read_exact(self, sock: socket.socket, n: int) -> bytes:
+        data = self._reply_tail
+        pieces, have = [data], len(data)
+        while have < n:
+            chunk = sock.recv(max(RECV_CHUNK, n - have))
+            if not chunk:
+                raise ConnectionResetError("connection closed by Redis")
+            pieces.append(chunk)
+            have += len(chunk)
+        data = b"".join(pieces)
+        self._reply_tail = data[n:]
+        return data[:n]
 
     def _send(self, batch: list[bytes], names: list[str]) -> None:
         assert self._sock is not None
