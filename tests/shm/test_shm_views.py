@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from msight_core.data import Data, ImageData
+from msight_core.data import Data, ImageData, PointCloudData
 from msight_core.errors import BackpressureError, ClosedError, PayloadTooLargeError
 from msight_core.pubsub.shm import ShmPubSub, ShmView
 
@@ -172,3 +172,28 @@ def test_loan_sends_on_exit_and_not_on_exception(make: Callable[..., ShmPubSub])
         pub.loan("cam.w", pub.config.max_frame_bytes + 1)
     with pytest.raises(ValueError):
         pub.loan("cam.w", -1)
+
+
+def test_data_serializes_straight_into_a_loan(make: Callable[..., ShmPubSub]) -> None:
+    """ImageData / PointCloudData built in shared memory: no intermediate bytes."""
+    sub, pub = make(), make()
+    sub.subscribe("cam.d")
+    rng = np.random.default_rng(5)
+    image = ImageData(image=rng.integers(0, 255, (480, 640, 3), np.uint8), sensor_name="c1")
+    cloud = PointCloudData(points=rng.random((50_000, 4), np.float32), sensor_name="l1")
+    strided = ImageData(image=rng.integers(0, 255, (64, 64, 3), np.uint8)[:, ::2])
+    for value in (image, cloud, strided):
+        size = value.serialized_size()
+        assert size == len(value.serialize())
+        with pub.loan("cam.d", size) as buf:
+            assert value.serialize_into(buf) == size
+    for value in (image, cloud, strided):
+        with sub.receive_view(10) as view:
+            got = Data.deserialize(view.data)
+            assert got == value
+            arrays = [a for a in vars(got).values() if isinstance(a, np.ndarray) and a.size > 1000]
+            assert all(not a.flags.writeable for a in arrays)  # views of shared memory
+    with pub.loan("cam.d", 10) as buf, pytest.raises(ValueError, match="too small"):
+        image.serialize_into(buf)
+    with pytest.raises(TypeError, match="writable"):
+        image.serialize_into(bytes(image.serialized_size()))

@@ -85,6 +85,27 @@ def test_every_supported_field_type_round_trips() -> None:
     assert type(back.nested.nested) is SensorData
 
 
+def test_serialize_into_writes_the_same_bytes_in_place() -> None:
+    values = [
+        Everything(nested=Everything(count=-1, nested=SensorData(sensor_name="inner"))),
+        SensorData(sensor_name="cam"),
+        ImageData(image=np.arange(3 * 5 * 7, dtype=np.uint8).reshape(3, 5, 7)[:, ::2]),
+    ]
+    for value in values:
+        expected = value.serialize()
+        assert value.serialized_size() == len(expected)
+        target = bytearray(b"\xee" * (len(expected) + 7))
+        assert value.serialize_into(target) == len(expected)
+        assert target[: len(expected)] == expected and target[len(expected) :] == b"\xee" * 7
+        as_words = memoryview(bytearray(len(expected) + (-len(expected) % 8))).cast("Q")
+        assert value.serialize_into(as_words) == len(expected)  # any writable buffer
+        assert Data.deserialize(target[: len(expected)]) == value
+    with pytest.raises(ValueError, match="too small"):
+        values[0].serialize_into(bytearray(10))
+    with pytest.raises(TypeError, match="writable"):
+        values[0].serialize_into(memoryview(bytes(4096)))
+
+
 @pytest.mark.parametrize(
     "dtype",
     ["?", "i1", "i2", "<i4", ">i8", "u1", "<u2", "u4", "u8", "<f2", ">f4", "f8", "c8", ">c16"],

@@ -60,7 +60,18 @@ import numpy as np
 
 from ..errors import DeserializationError, SerializationError
 
-__all__ = ["ALIGN", "MAGIC", "VERSION", "Buffers", "Decoder", "Encoder", "pack", "unpack"]
+__all__ = [
+    "ALIGN",
+    "MAGIC",
+    "VERSION",
+    "Buffers",
+    "Decoder",
+    "Encoder",
+    "pack",
+    "pack_into",
+    "packed_size",
+    "unpack",
+]
 
 MAGIC = b"\x89MSD"
 VERSION = 1
@@ -346,8 +357,8 @@ class Decoder:
         return np.frombuffer(view, dtype=dtype).reshape(shape)
 
 
-def pack(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> bytes:
-    """Build one message: a single allocation, each buffer copied once."""
+def _layout(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> tuple[list[Any], int]:
+    """The pieces of one message in order (padding included) and its total size."""
     try:
         tag_b = tag.encode("utf-8")
         meta_b = json.dumps(
@@ -376,7 +387,43 @@ def pack(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> bytes
             parts.append(_ZEROS[: offset - pos])
         parts.append(mv)
         pos = offset + mv.nbytes
-    return b"".join(parts)
+    return parts, pos
+
+
+def pack(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> bytes:
+    """Build one message: a single allocation, each buffer copied once."""
+    return b"".join(_layout(tag, meta, buffers)[0])
+
+
+def packed_size(tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> int:
+    """The size in bytes of the message :func:`pack` would build."""
+    return _layout(tag, meta, buffers)[1]
+
+
+def pack_into(target: Any, tag: str, meta: dict[str, Any], buffers: Sequence[memoryview]) -> int:
+    """Write one message at the start of the writable buffer ``target``; return its size.
+
+    The same bytes as :func:`pack`, each buffer copied once, straight into
+    ``target`` (shared memory lent by a backend, for instance).
+
+    Raises:
+        TypeError: ``target`` is not a writable bytes-like object.
+        ValueError: ``target`` is smaller than the message.
+    """
+    parts, size = _layout(tag, meta, buffers)
+    out = memoryview(target)
+    if out.readonly:
+        raise TypeError("serialize_into() needs a writable buffer, got a read-only one")
+    if out.ndim != 1 or out.itemsize != 1:
+        out = out.cast("B")
+    if len(out) < size:
+        raise ValueError(f"buffer of {len(out)} bytes is too small for this {size}-byte message")
+    pos = 0
+    for part in parts:
+        n = part.nbytes if isinstance(part, memoryview) else len(part)
+        out[pos : pos + n] = part  # bytes, or a flat "B" view (see Encoder)
+        pos += n
+    return size
 
 
 def unpack(data: Any) -> tuple[str, dict[str, Any], Sequence[memoryview]]:

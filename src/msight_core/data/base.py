@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from ..errors import DeserializationError, SerializationError
-from ._codec import Decoder, Encoder, pack, unpack
+from ._codec import Decoder, Encoder, pack, pack_into, packed_size, unpack
 from ._fieldcheck import Check, field_checks
 
 __all__ = ["Data", "SensorData", "generate_frame_id", "get_data_type", "registered_data_types"]
@@ -206,6 +206,37 @@ class Data:
         tag, values = _data_fields(self)
         meta = encoder.fields(values, type(self).__name__)
         return pack(tag, meta, encoder.buffers)
+
+    def serialized_size(self) -> int:
+        """The size in bytes of :meth:`serialize`'s result, without building it.
+
+        Raises:
+            SerializationError: as :meth:`serialize`.
+        """
+        encoder = Encoder(_data_fields)
+        tag, values = _data_fields(self)
+        return packed_size(tag, encoder.fields(values, type(self).__name__), encoder.buffers)
+
+    def serialize_into(self, buffer: bytearray | memoryview) -> int:
+        """Write :meth:`serialize`'s bytes at the start of ``buffer``; return how many.
+
+        For a frame built straight in memory a backend lends, with no
+        intermediate ``bytes`` (the shared-memory backend's loans)::
+
+            with backend.loan("camera1.frames", image.serialized_size()) as buf:
+                image.serialize_into(buf)
+
+        Each array is copied once, into ``buffer``.
+
+        Raises:
+            TypeError: ``buffer`` is not a writable bytes-like object.
+            ValueError: ``buffer`` is smaller than the message.
+            SerializationError: as :meth:`serialize`.
+        """
+        encoder = Encoder(_data_fields)
+        tag, values = _data_fields(self)
+        meta = encoder.fields(values, type(self).__name__)
+        return pack_into(buffer, tag, meta, encoder.buffers)
 
     @classmethod
     def deserialize(cls: type[T], data: bytes | bytearray | memoryview) -> T:  # noqa: PYI019

@@ -14,6 +14,9 @@ plus two zero-copy paths for large frames::
     with ps.loan("camera1.frames", nbytes) as buf:          # write in place
         buf[:] = ...                                        # sent when the block ends
 
+    with ps.loan("camera1.frames", image.serialized_size()) as buf:
+        image.serialize_into(buf)                           # an ImageData, built in place
+
 Settings come from ``MSIGHT_SHM_*`` (:class:`~msight_core.config.ShmConfig`):
 memory in ``/dev/shm`` is bounded by the largest frame, the subscribers per
 topic and the depth of their buffers, checked before use. Only processes of the
