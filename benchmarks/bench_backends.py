@@ -1,6 +1,6 @@
 """Every backend against its raw client, each on its own embedded broker, in one run.
 
-The same measurement as ``msight bench`` (see :mod:`msight_core._cli.bench`):
+The same measurement as ``msight bench`` (see :mod:`msight_core.cli.bench`):
 for each backend an embedded broker is started (NATS with JetStream and a 64 MB
 ``max_payload``), then msight's ``PubSubBackend`` and the raw client (redis-py,
 nats-py, confluent-kafka) are measured at each size. One table, one JSON file
@@ -19,9 +19,9 @@ import argparse
 import json
 import sys
 
-from msight_core._cli.bench import BenchOptions, Point, format_table, measure, plot_results
-from msight_core._cli.bench_clients import clients_for
-from msight_core._cli.common import fmt_bytes, parse_size, parse_sizes, resolve_target
+from msight_core.cli.bench import BenchOptions, Point, format_table, measure, plot_results
+from msight_core.cli.bench_clients import clients_for
+from msight_core.cli.common import fmt_bytes, parse_size, parse_sizes, resolve_target
 
 
 def main(argv: list[str] | None = None) -> int:
