@@ -288,7 +288,12 @@ def _endpoint(backend: Any) -> tuple[Any, ...]:
     """What identifies the server behind a backend, as far as its public config says."""
     cfg = getattr(backend, "config", None)
     fields = ("servers", "host", "port", "cluster_nodes", "domain")
-    return (type(backend).__name__, *(repr(getattr(cfg, f, None)) for f in fields))
+    broker = getattr(backend, "broker", None)  # the memory backend's in-process broker
+    return (
+        type(backend).__name__,
+        id(broker) if broker is not None else None,
+        *(repr(getattr(cfg, f, None)) for f in fields),
+    )
 
 
 class Bridge:
@@ -383,6 +388,7 @@ class Bridge:
         self.destination = destination
         self._matchers = [topic_matcher(t) for t in self.topics if is_topic_pattern(t)]
         self._exact = {t for t in self.topics if not is_topic_pattern(t)}
+        self._names: dict[str, str | None] = {}  # source topic -> destination name
         self._same_server = _endpoint(source) == _endpoint(destination)
         if self._same_server:
             self._check_self_loop()
@@ -400,7 +406,6 @@ class Bridge:
         self._lock = threading.Lock()
         self._stats = BridgeStats()
         self._started = 0.0
-        self._names: dict[str, str | None] = {}
         self._batch: list[tuple[str, bytes]] = []
         self._batch_bytes = 0
         self._outage_logged = False
