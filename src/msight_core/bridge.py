@@ -217,6 +217,8 @@ class BridgeStats:
             carry, a payload too large), not forwarded, per reason.
         outage_retries: publishes and confirmations retried while the
             destination was away.
+        ignored: messages of topics the bridge does not forward (the source
+            backend was also subscribed to other topics by its owner).
         seconds: since ``run()`` started.
         per_topic: messages forwarded per source topic.
         source: the source backend's ``stats()`` (queue, drops), if it has one.
@@ -232,6 +234,7 @@ class BridgeStats:
     loop_dropped: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     outage_retries: int = 0
+    ignored: int = 0
     seconds: float = 0.0
     per_topic: dict[str, int] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -485,7 +488,9 @@ class Bridge:
         """Run the bridge on a daemon thread; returns once subscribed.
 
         Raises:
-            as :meth:`run`, for the subscriptions.
+            InvalidTopicError: a subscription was refused (as :meth:`run`).
+            BrokerUnavailableError: the source cannot be reached.
+            ClosedError: the source was closed.
         """
         if self._thread is not None:
             raise RuntimeError("the bridge was already started")
@@ -552,6 +557,7 @@ class Bridge:
                 loop_dropped=s.loop_dropped,
                 refused=dict(s.refused),
                 outage_retries=s.outage_retries,
+                ignored=s.ignored,
                 seconds=time.monotonic() - self._started if self._started else 0.0,
                 per_topic=dict(s.per_topic),
             )
@@ -591,6 +597,12 @@ class Bridge:
             self._confirm(final=True)
 
     def _forward(self, topic: str, data: bytes) -> None:
+        if topic not in self._exact and not any(m.fullmatch(topic) for m in self._matchers):
+            # The source was subscribed to more than the bridge's topics elsewhere.
+            with self._lock:
+                self._stats.ignored += 1
+            self._ack_dropped()
+            return
         echoes = self._echoes
         key = None
         if echoes is not None:
