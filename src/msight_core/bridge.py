@@ -81,6 +81,10 @@ logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 #: The variable each backend reads its server addresses from (``url=`` of :func:`side_env`).
+#: ``BridgeStats.per_topic`` counts this many topics by name, the rest under ``"(other)"``.
+_MAX_TOPICS_COUNTED = 10_000
+_OTHER_TOPICS = "(other)"
+
 _SERVER_VARS = {"nats": "MSIGHT_NATS_SERVERS", "kafka": "MSIGHT_KAFKA_SERVERS"}
 
 
@@ -220,7 +224,8 @@ class BridgeStats:
         ignored: messages of topics the bridge does not forward (the source
             backend was also subscribed to other topics by its owner).
         seconds: since ``run()`` started.
-        per_topic: messages forwarded per source topic.
+        per_topic: messages forwarded per source topic (the first 10,000
+            topics by name, any more under ``"(other)"``).
         source: the source backend's ``stats()`` (queue, drops), if it has one.
         destination: the destination backend's ``stats()``, if it has one.
     """
@@ -260,6 +265,8 @@ class _Echoes:
 
     def _expire(self, now: float) -> None:
         order, counts = self._order, self._counts
+        if order and order[0][0] > now and len(order) <= self.max_entries:
+            return
         while order and (order[0][0] <= now or len(order) > self.max_entries):
             _, key = order.popleft()
             left = counts.get(key, 0) - 1
@@ -276,6 +283,9 @@ class _Echoes:
 
     def take(self, key: tuple[str, int, bytes]) -> bool:
         """True (and forget one) if ``key`` was forwarded within the window."""
+        count = self._counts.get(key, 0)
+        if not count:
+            return False
         self._expire(time.monotonic())
         count = self._counts.get(key, 0)
         if not count:
@@ -412,6 +422,7 @@ class Bridge:
         self._batch: list[tuple[str, bytes]] = []
         self._batch_bytes = 0
         self._outage_logged = False
+        self._echo_topics: set[str] = set()  # topics whose first echo was logged
         self._warn_order()
 
     def __repr__(self) -> str:
@@ -610,6 +621,16 @@ class Bridge:
             if echoes.take(key):
                 with self._lock:
                     self._stats.echoes_dropped += 1
+                if topic not in self._echo_topics and len(self._echo_topics) < 1000:
+                    self._echo_topics.add(topic)
+                    logger.warning(
+                        "bridge: a message on %r came back with bytes this bridge forwarded "
+                        "within %gs: dropped as the echo of a loop (another bridge sends the "
+                        "topic back). If the topic carries byte-identical repeats and nothing "
+                        "sends it back, set loop_window=0 (--loop-window 0)",
+                        topic,
+                        echoes.window,
+                    )
                 self._ack_dropped()
                 return
         out = self._target(topic)
@@ -625,14 +646,18 @@ class Bridge:
             return
         if key is not None:
             echoes.add(key)  # type: ignore[union-attr]
-        with self._lock:
-            s = self._stats
-            s.forwarded += 1
-            s.forwarded_bytes += len(data)
-            s.per_topic[topic] = s.per_topic.get(topic, 0) + 1
-            if self._acking:
-                self._batch.append((out, data))
-                self._batch_bytes += len(data)
+        # Counters are written by this thread only; stats() copies them (no lock
+        # per message: a snapshot may be one message behind).
+        s = self._stats
+        s.forwarded += 1
+        s.forwarded_bytes += len(data)
+        per_topic = s.per_topic
+        if topic not in per_topic and len(per_topic) >= _MAX_TOPICS_COUNTED:
+            topic = _OTHER_TOPICS  # a pattern may match any number of names
+        per_topic[topic] = per_topic.get(topic, 0) + 1
+        if self._acking:
+            self._batch.append((out, data))
+            self._batch_bytes += len(data)
 
     def _ack_dropped(self) -> None:
         # A dropped message of an acknowledging source is done with; with nothing
