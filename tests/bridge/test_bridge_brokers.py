@@ -295,3 +295,36 @@ def test_shm_and_redis_bridged_both_ways_do_not_loop(
     assert seen == sent  # each exactly once on Redis: the echo never left the edge box
     assert up.stats().echoes_dropped == 40
     assert down.stats().forwarded == 40
+
+
+def test_jetstream_source_is_acknowledged_after_the_destination_confirmed(
+    side: Callable[..., PubSubBackend], site_nats: Any, redis_server: Any, unique_topic: str,
+) -> None:  # fmt: skip
+    js = {"MSIGHT_NATS_JETSTREAM": "true"}
+    group = f"g-{unique_topic}"
+    producer = side("nats", site_nats.url, js)
+    check = side("redis", redis_server.address)
+    check.subscribe(unique_topic)
+
+    def run_bridge() -> tuple[Bridge, PubSubBackend]:
+        src = side("nats", site_nats.url, js, group_id=group)
+        dst = side("redis", redis_server.address, role="destination")
+        return Bridge(src, dst, [unique_topic]).start(), src
+
+    bridge, src = run_bridge()
+    sent = [b"js-%d" % i for i in range(50)]
+    for data in sent:
+        producer.publish(unique_topic, data)
+    producer.flush()
+    assert [m.data for m in collect(check, 50)] == sent
+    wait_for(lambda: bridge.stats().confirmed == 50)
+    bridge.stop(30)
+    src.close()  # the durable consumer keeps what was acknowledged
+
+    bridge, src = run_bridge()  # same group: nothing is delivered again
+    try:
+        producer.publish(unique_topic, b"after")
+        producer.flush()
+        assert [m.data for m in collect(check, 1, 30) + quiet(check, 1.5)] == [b"after"]
+    finally:
+        bridge.stop(30)
