@@ -456,6 +456,14 @@ class Bridge:
                 )
 
     def _warn_order(self) -> None:
+        source_cfg = getattr(self.source, "config", None)
+        if self._acking and source_cfg is not None and getattr(source_cfg, "group_id", "") is None:
+            logger.warning(
+                "the %s source has no group_id: nothing is acknowledged, and a restarted "
+                "bridge does not resume where this one stopped; give it a group (the CLI "
+                "uses the bridge's name)",
+                type(self.source).__name__,
+            )
         cfg = getattr(self.destination, "config", None)
         if type(self.destination).__name__ == "KafkaPubSub" and not getattr(cfg, "ordered", True):
             logger.warning(

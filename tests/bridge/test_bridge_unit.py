@@ -304,3 +304,20 @@ def test_start_reports_subscription_errors_and_stop_is_idempotent(
         bridge.start()
     bridge.stop()
     bridge.stop()
+
+
+def test_a_persistent_source_without_group_is_warned_about(
+    made: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    from msight_core.pubsub.kafka import KafkaPubSub
+    from msight_core.pubsub.utils import get_kafka_config
+
+    grouped = KafkaPubSub(get_kafka_config("g", env={}))  # connects lazily: nothing here
+    alone = KafkaPubSub(get_kafka_config(env={}))
+    made += [grouped, alone]
+    dst = _memory(made, MemoryBroker())
+    with caplog.at_level("WARNING", logger="msight_core.bridge"):
+        Bridge(grouped, dst, ["t"])
+        assert "no group_id" not in caplog.text
+        Bridge(alone, dst, ["t"])
+    assert "KafkaPubSub source has no group_id" in caplog.text
