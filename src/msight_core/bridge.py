@@ -321,8 +321,9 @@ class Bridge:
         source: the backend to read from (an msight backend: it needs
             ``receive()``). The bridge subscribes it to ``topics``.
         destination: the backend to publish to.
-        topics: names and, where ``source.capabilities.patterns`` is true,
-            wildcard patterns (``camera1.*``, ``camera1.>``).
+        topics: names (or :class:`~msight_core.topics.Topic` objects) and,
+            where ``source.capabilities.patterns`` is true, wildcard patterns
+            (``camera1.*``, ``camera1.>``).
         prefix: put before every destination name (``"site1."``).
         remap: destination names for exact source names (applied before
             ``prefix``).
@@ -336,9 +337,10 @@ class Bridge:
             topic, is taken for an echo (another bridge sent it back) and dropped.
             Messages built from msight ``SensorData`` carry timestamps and a frame
             id, so two real ones never have the same bytes; an application that
-            sends byte-identical messages on one topic more often than this
-            (a constant heartbeat) sees the repeats dropped. ``0`` turns the
-            check off (then nothing stops a loop between two bridges).
+            sends byte-identical messages on one topic within this many seconds
+            of each other (a constant heartbeat) sees the repeats dropped
+            (counted, logged once per topic). ``0`` turns the check off (then
+            nothing stops a loop between two bridges).
         loop_entries: at most this many fingerprints are kept (memory bound).
         retry_interval: seconds between attempts while the destination is away.
 
@@ -384,7 +386,10 @@ class Bridge:
         patterns = source.capabilities.patterns
         self.topics: tuple[str, ...] = ()
         names = []
-        for topic in topics:
+        for item in topics:
+            topic = item if isinstance(item, str) else getattr(item, "name", item)
+            if not isinstance(topic, str):
+                raise TypeError(f"topics must be names or Topic objects, got {type(item).__name__}")
             if is_topic_pattern(topic):
                 validate_topic_pattern(topic)
                 if not patterns:
@@ -428,7 +433,7 @@ class Bridge:
         self._batch_bytes = 0
         self._outage_logged = False
         self._echo_topics: set[str] = set()  # topics whose first echo was logged
-        self._warn_order()
+        self._warn_settings()
 
     def __repr__(self) -> str:
         return (
@@ -455,7 +460,7 @@ class Bridge:
                     f"as {out!r}, which this bridge reads: a loop"
                 )
 
-    def _warn_order(self) -> None:
+    def _warn_settings(self) -> None:
         source_cfg = getattr(self.source, "config", None)
         if self._acking and source_cfg is not None and getattr(source_cfg, "group_id", "") is None:
             logger.warning(

@@ -13,6 +13,7 @@ from msight_core.bridge import Bridge, _Echoes, bridge_name, side_env
 from msight_core.errors import BackpressureError, ConfigError, InvalidTopicError
 from msight_core.pubsub.base import Capabilities
 from msight_core.pubsub.memory import MemoryBroker, MemoryPubSub
+from msight_core.topics import Topic
 
 
 @pytest.fixture
@@ -105,6 +106,8 @@ def test_bad_configurations_are_typed_errors(made: list[Any]) -> None:
         Bridge(src, dst, ["t"], remap={"t": "_msight.x"})
     with pytest.raises(ConfigError):
         Bridge(src, dst, ["t"], batch_messages=0)
+    with pytest.raises(TypeError):
+        Bridge(src, dst, [42])  # type: ignore[list-item]
 
     class NoPatterns(MemoryPubSub):
         capabilities = Capabilities(patterns=False)
@@ -141,8 +144,9 @@ def test_prefix_and_remap_name_the_destination(made: list[Any]) -> None:
     sub = _memory(made, b)
     sub.subscribe("site.renamed")
     sub.subscribe("site.cam.b")
-    bridge = Bridge(_memory(made, a), _memory(made, b), ["cam.*"], prefix="site.",
-                    remap={"cam.a": "renamed"})  # fmt: skip
+    bridge = Bridge(_memory(made, a), _memory(made, b), ["cam.b", Topic("cam.a")],
+                    prefix="site.", remap={"cam.a": "renamed"})  # fmt: skip
+    assert bridge.topics == ("cam.b", "cam.a")
     made.append(bridge.start())
     pub = _memory(made, a)
     pub.publish("cam.a", b"A")
