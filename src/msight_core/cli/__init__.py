@@ -9,6 +9,7 @@ Commands::
     msight record    record topics to an MCAP file
     msight play      publish a recording again, with its recorded timing
     msight view      a Foxglove WebSocket server showing live topics or a recording
+    msight bridge    forward topics from one backend to another (shm -> nats, ...)
     msight topics    what the broker knows: topics, subscribers, partitions, streams
     msight hz        message rate of topics (min/max/std of the gaps)
     msight bw        bandwidth of topics (bytes/s, message sizes)
@@ -164,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results")
     p.add_argument("--no-raw", action="store_true", help="skip the raw client")
 
-    from . import introspect, play, record, view
+    from . import bridge, introspect, play, record, view
 
+    bridge.add_parser(sub, backend_args)
     record.add_parser(sub, backend_args)
     play.add_parser(sub, backend_args)
     view.add_parser(sub, backend_args)

@@ -261,6 +261,8 @@ class QueueBackend(PubSubBackend):
         self._batch_limit = 256
         # Only a backend that overrides _accept pays for asking it (per message).
         self._filtering = type(self)._accept is not QueueBackend._accept
+        # Taken with receive(ack=False) and not yet acknowledged, in order.
+        self._unacked: list[Delivery] = []
         self.delivered = 0
 
     # -- the seed contract --------------------------------------------------------
@@ -304,10 +306,23 @@ class QueueBackend(PubSubBackend):
                 return
             yield item.data
 
-    def receive(self, timeout: float | None = None) -> Message | None:
+    def receive(self, timeout: float | None = None, *, ack: bool = True) -> Message | None:
         """Take the next message with its topic; ``None`` after ``timeout`` seconds.
 
         The alternative to ``listen()`` for loops that must wake up regularly.
+        As with ``listen()``, a message is acknowledged (on backends with
+        acknowledgements: Kafka groups, NATS JetStream) when the next one is
+        taken or the backend is closed.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits until a message
+                arrives or the backend is closed.
+            ack: ``False`` leaves this message unacknowledged until
+                :meth:`acknowledge` is called: for code that must not let the
+                broker forget a message before it has been handled elsewhere
+                (the bridge acknowledges only what its destination confirmed).
+                Messages taken so and not acknowledged when the backend is
+                closed are delivered again (to this group) by the broker.
 
         Raises:
             RuntimeError: nothing was subscribed.
@@ -319,7 +334,26 @@ class QueueBackend(PubSubBackend):
             if self._state is not State.OPEN:
                 raise ClosedError(f"{type(self).__name__} is closed")
             return None
+        if not ack and item.token is not None:
+            self._in_hand = None
+            self._unacked.append(item)
         return Message(item.topic, item.data)
+
+    def acknowledge(self) -> int:
+        """Acknowledge every message taken with ``receive(ack=False)`` so far, in order.
+
+        Call it from the thread that receives. Does nothing on backends without
+        acknowledgements (their ``receive(ack=False)`` keeps nothing back).
+
+        Returns:
+            The number of messages acknowledged.
+        """
+        held, self._unacked = self._unacked, []
+        for item in held:
+            self._ack(item)
+        if held:
+            self._ack_flush()
+        return len(held)
 
     def flush(self, timeout: float | None = None) -> None:
         if self._state is State.OPEN:
@@ -403,6 +437,7 @@ class QueueBackend(PubSubBackend):
             self._state = State.CLOSED
         self._queue.close()
         self._local.clear()
+        self._unacked = []  # never confirmed: the broker delivers them again
         in_hand, self._in_hand = self._in_hand, None
         try:
             if commit_in_hand and in_hand is not None and in_hand.token is not None:
