@@ -13,7 +13,10 @@ Three measurements, each the median over the rounds, async / sync:
 * ``publish``: a publisher alone, msg/s until everything is flushed;
 * ``consume``: the same synchronous publisher, a sync or an async subscriber:
   messages received / seconds from the first publish to the last receive;
-* ``end-to-end``: both sync, or both async, measured as ``consume``.
+* ``end-to-end``: both sync, or both async, measured as ``consume``;
+* ``ceiling``: the broker's raw client publishing alone (nats-py, redis-py
+  pipelined by 1000, confluent-kafka with ``linger.ms=5``), against the async
+  publisher: what the client library itself reaches on this machine.
 
 ``lost`` counts what a subscriber missed (Redis disconnects a subscriber that
 falls 32 MB behind; core NATS drops for a slow consumer): a run with losses
@@ -134,6 +137,62 @@ async def pub_async(topic: str, count: int, size: int) -> dict[str, Any]:
     return {"start": start, "end": end, "cpu": cpu, "direct": direct}
 
 
+def pub_raw(topic: str, count: int, size: int) -> dict[str, Any]:
+    """The broker's own client, publishing alone: the ceiling."""
+    payload = os.urandom(size)
+    backend = os.environ["MSIGHT_PUBSUB_BACKEND"]
+    if backend == "nats":
+        import nats
+
+        from msight_core.pubsub.utils import get_nats_config
+
+        async def run() -> tuple[float, float, float]:
+            nc = await nats.connect(get_nats_config().servers[0])
+            await nc.publish(topic, b"warm-up")
+            await nc.flush()
+            start, cpu = time.time(), time.process_time()
+            for _ in range(count):
+                await nc.publish(topic, payload)
+            await nc.flush(120)
+            end, cpu = time.time(), time.process_time() - cpu
+            await nc.close()
+            return start, end, cpu
+
+        start, end, cpu = asyncio.run(run())
+    elif backend == "redis":
+        from msight_core.utils import get_redis_client
+
+        client = get_redis_client()
+        start, cpu = time.time(), time.process_time()
+        for first in range(0, count, 1000):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(min(1000, count - first)):
+                pipe.publish(topic, payload)
+            pipe.execute()
+        end, cpu = time.time(), time.process_time() - cpu
+    else:
+        from confluent_kafka import Producer
+
+        from msight_core.pubsub.utils import get_kafka_config
+
+        servers = ",".join(get_kafka_config().servers)
+        producer = Producer({"bootstrap.servers": servers, "linger.ms": 5})
+        producer.produce(topic, b"warm-up")
+        producer.flush(60)
+        start, cpu = time.time(), time.process_time()
+        for _ in range(count):
+            while True:
+                try:
+                    producer.produce(topic, payload)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            producer.poll(0)
+        producer.flush(120)
+        end, cpu = time.time(), time.process_time() - cpu
+    return {"start": start, "end": end, "cpu": cpu}
+
+
 def child(args: argparse.Namespace) -> int:
     count = args.count + 1 if args.role == "sub" else args.count  # + the warm-up message
     if args.role == "sub":
@@ -144,6 +203,8 @@ def child(args: argparse.Namespace) -> int:
         )
     elif args.mode == "sync":
         result = pub_sync(args.topic, count, args.size)
+    elif args.mode == "raw":
+        result = pub_raw(args.topic, count, args.size)
     else:
         result = asyncio.run(pub_async(args.topic, count, args.size))
     print(json.dumps(result), flush=True)
@@ -157,6 +218,7 @@ SCENARIOS = {
     "publish": (("sync", None), ("async", None)),  # publisher alone, until flushed
     "consume": (("sync", "sync"), ("sync", "async")),  # the same sync publisher
     "end-to-end": (("sync", "sync"), ("async", "async")),
+    "ceiling": (("raw", None), ("async", None)),  # the raw client, publishing alone
 }
 
 
@@ -232,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--json", help="write the raw runs here")
     parser.add_argument("--role", choices=["pub", "sub"], help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["sync", "async"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["sync", "async", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
@@ -245,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     print(f"\n{args.size} B messages, {args.rounds} round(s), median msg/s (lost: sum of rounds)")
     print(
-        f"{'broker':>8} {'scenario':>11} {'sync':>9} {'async':>9} {'ratio':>6} "
+        f"{'broker':>8} {'scenario':>11} {'sync/raw':>9} {'async':>9} {'ratio':>6} "
         f"{'CPU us/msg s/a':>15} {'lost s/a':>12}"
     )
     for broker, scenarios in results.items():
         for name, runs in scenarios.items():
-            key = "publish" if name == "publish" else "receive"
+            key = "publish" if name in ("publish", "ceiling") else "receive"
             sync = statistics.median(r[key] for r in runs["sync"])
             aio = statistics.median(r[key] for r in runs["async"])
             # CPU per message of the side that differs: the subscriber in "consume",
@@ -260,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(r[side] for r in runs[m]):.1f}" for m in ("sync", "async")
             )
             lost = "-"
-            if name != "publish":
+            if name not in ("publish", "ceiling"):
                 lost = "/".join(
                     str(sum(int(r["lost"]) for r in runs[m])) for m in ("sync", "async")
                 )

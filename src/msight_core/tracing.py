@@ -28,6 +28,7 @@ handed out last (``None`` if it had none). Nodes use it when it is there.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -39,10 +40,17 @@ __all__ = [
     "extract",
     "inject",
     "node_tracer",
+    "outgoing",
 ]
 
 #: The header names W3C trace context uses (what a publisher may add).
 TRACE_HEADERS = ("traceparent", "tracestate")
+#: Longest header value read from a peer or written (W3C: traceparent is 55
+#: characters, tracestate at most 512): a longer value is ignored.
+MAX_VALUE = 512
+_RECHECK = 1.0  # seconds between two looks for a tracer provider while none is set
+_provider_seen = False  # a provider is set (it cannot be unset)
+_next_look = 0.0
 
 try:
     from opentelemetry import propagate as _propagate
@@ -62,10 +70,41 @@ def enabled() -> bool:
     The API's default provider (a proxy until something is set) records
     nothing, so without one there is nothing to carry.
     """
+    global _provider_seen
     if _trace is None:
         return False
     provider = _trace.get_tracer_provider()
-    return not isinstance(provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+    on = not isinstance(provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+    _provider_seen = _provider_seen or on  # publishers need not look again (see outgoing)
+    return on
+
+
+def outgoing() -> dict[str, str] | None:
+    """The trace headers a publisher adds to a message now, or ``None``.
+
+    ``None`` (at the cost of a clock read) while tracing is off or no span is
+    active: the per-message check of every publisher with headers. Whether a
+    tracer provider is set is looked up at most once a second until one is
+    (it cannot be unset), since the lookup costs microseconds; :func:`enabled`
+    returning true ends the wait at once.
+    """
+    global _provider_seen, _next_look
+    if _trace is None:
+        return None
+    if not _provider_seen:
+        now = time.monotonic()
+        if now < _next_look:
+            return None
+        _next_look = now + _RECHECK
+        if not enabled():
+            return None
+        _provider_seen = True
+    if not _trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    _propagate.inject(carrier)
+    out = {k: v for k, v in carrier.items() if k in TRACE_HEADERS and len(v) <= MAX_VALUE}
+    return out or None
 
 
 def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
@@ -80,25 +119,40 @@ def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
     return carrier
 
 
-def extract(headers: Mapping[str, Any] | None) -> Any:
-    """The trace context carried by ``headers`` (``str`` or ``bytes`` values).
+def extract(headers: Any) -> Any:
+    """The trace context carried by ``headers``, or ``None``.
 
-    Returns ``None`` when tracing is off or the headers carry none; only the
-    :data:`TRACE_HEADERS` are read, and a malformed ``traceparent`` is ignored
-    (the W3C propagator checks it).
+    ``headers`` is a mapping or ``(name, value)`` pairs (Kafka's), with ``str``
+    or ``bytes`` values, from a peer: untrusted. Only the :data:`TRACE_HEADERS`
+    are read (the first of each name); a value longer than :data:`MAX_VALUE` is
+    ignored (never cut: cutting could make garbage look valid), bytes are
+    decoded as ASCII; a ``traceparent`` that is not valid W3C trace context
+    (the propagator checks version, lengths, hex digits, all-zero ids) gives
+    ``None``. Never raises on bad input; ``None`` when tracing is off.
     """
     if _trace is None or not headers:
         return None
-    carrier = {}
-    for key in TRACE_HEADERS:
-        value = headers.get(key)
-        if isinstance(value, (bytes, bytearray)):
-            value = bytes(value[:512]).decode("ascii", "replace")
-        if isinstance(value, str):
-            carrier[key] = value[:512]
+    carrier: dict[str, str] = {}
+    try:
+        pairs = headers.items() if isinstance(headers, Mapping) else headers
+        for pair in pairs:
+            key, value = pair
+            if not isinstance(key, str) or key not in TRACE_HEADERS or key in carrier:
+                continue
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                if len(value) > MAX_VALUE:
+                    continue
+                value = bytes(value).decode("ascii", "replace")
+            if isinstance(value, str) and len(value) <= MAX_VALUE:
+                carrier[key] = value
+    except (TypeError, ValueError):  # not a mapping nor pairs: carries nothing
+        return None
     if "traceparent" not in carrier:
         return None
-    ctx = _propagate.extract(carrier)
+    try:
+        ctx = _propagate.extract(carrier)
+    except Exception:  # noqa: BLE001 - a propagator must not fail a message
+        return None
     return ctx if _trace.get_current_span(ctx).get_span_context().is_valid else None
 
 

@@ -39,6 +39,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))  # type: ignore[attr-defined]
         _ATTACHED.append(provider)
     _EXPORTER.clear()
+    assert tracing.enabled()  # publishers see the provider from now on
     yield _EXPORTER
     _EXPORTER.clear()
 
@@ -170,3 +171,22 @@ def test_tracing_is_off_without_a_provider_or_the_extra(setup: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "None", "{}", "None"]
+
+
+def test_extract_takes_pairs_and_refuses_what_is_not_w3c(spans: InMemorySpanExporter) -> None:
+    valid = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    ctx = tracing.extract([("other", b"x"), ("traceparent", valid.encode())])  # Kafka's pairs
+    assert f"{trace.get_current_span(ctx).get_span_context().span_id:016x}" == "cd" * 8
+    for bad in (
+        {"traceparent": valid + "0" * 600},  # too long: ignored, never cut to size
+        {"traceparent": valid.encode() + b"\xff"},  # not ASCII
+        {"traceparent": valid.upper()},  # W3C wants lowercase hex
+        {"traceparent": 12},
+        [("traceparent",)],  # not pairs
+        42,  # not headers at all
+    ):
+        assert tracing.extract(bad) is None, bad
+    headers = tracing.outgoing()
+    assert headers is None  # no active span: nothing to add
+    with trace.get_tracer("test").start_as_current_span("s"):
+        assert set(tracing.outgoing() or {}) == {"traceparent"}

@@ -17,8 +17,8 @@ and :class:`AsyncMemoryPubSub` keep the contract of their synchronous twins
 (:mod:`msight_core.testing.aio`). Importing this package imports no broker
 client; each backend is imported on first use.
 
-How it works. Each async backend holds its synchronous twin and reuses its I/O
-threads and bounded receive queue:
+How it works. The Redis, Kafka and memory backends hold their synchronous twin and reuse
+its I/O threads and bounded receive queue:
 
 * **Receiving**: the reader thread queues a batch and, if the loop's consumer
   waits, resolves its future with one ``call_soon_threadsafe``; the consumer
@@ -35,8 +35,10 @@ threads and bounded receive queue:
   appended to an outlet that a worker thread hands over, in order. The loop
   therefore never waits for a connect, a topic creation or a full outage
   buffer; that reaches it only as backpressure (``publish()`` awaits room).
-* **NATS** keeps nats-py on the synchronous backend's own loop thread; batches
-  cross to the caller's loop as above.
+* **NATS** runs nats-py on the caller's loop, no thread: the backend's parser,
+  publisher and modes (:class:`~msight_core.pubsub.nats.NATSLoopClient`) work
+  there, received batches go into the same receive queue with a plain
+  ``call_soon`` wake-up, and ``publish()`` appends to the publisher's buffer.
 """
 
 from __future__ import annotations

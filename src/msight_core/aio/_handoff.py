@@ -1,7 +1,7 @@
 """The receiving hand-off between a backend's reader thread and an asyncio consumer.
 
-A backend's reader (the Redis socket thread, the NATS loop thread, the Kafka
-consumer thread) fills the same bounded :class:`~msight_core.pubsub._core.ReceiveQueue`
+A backend's reader (the Redis socket thread, the Kafka consumer thread, or the
+NATS client on the consumer's own loop) fills the same bounded :class:`~msight_core.pubsub._core.ReceiveQueue`
 as for the synchronous API: the same bounds, overflow policy, drop counts and,
 on Kafka, the same pause-when-full backpressure. Two things change:
 
@@ -90,8 +90,18 @@ class LoopQueue(ReceiveQueue):
         if future is None:
             return
         self.waiter = None
+        loop = future.get_loop()
         try:
-            future.get_loop().call_soon_threadsafe(resolve, future)
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a reader thread
+            running = None
+        if running is loop:
+            # A producer on the consumer's own loop (the NATS client runs there):
+            # no write to the loop's self-pipe.
+            loop.call_soon(resolve, future)
+            return
+        try:
+            loop.call_soon_threadsafe(resolve, future)
         except RuntimeError:  # the consumer's loop is closed: nobody to wake
             pass
 
@@ -129,6 +139,19 @@ class LoopFed(QueueBackend):
         the checks of ``publish()``; for the loop, which made them (and checks
         ``closed`` itself). Thread-safe as ``publish()`` is."""
         return self._publish
+
+    def subscription(self, topic: Any) -> tuple[str, bool]:
+        """The checked name of ``topic`` and whether it is a pattern, as ``subscribe()``
+        checks them (for a backend that subscribes on the loop itself).
+
+        Raises:
+            InvalidTopicError: not a portable name, or a pattern it cannot take.
+        """
+        return self._subscription(topic)
+
+    def subscribed(self, name: str) -> None:
+        """Record ``name`` as subscribed (after the loop subscribed it)."""
+        self._topics[name] = None
 
     def check_listen(self) -> None:
         """Raise as ``listen()`` does: ``ClosedError``, or ``RuntimeError`` before subscribe."""

@@ -1,5 +1,11 @@
 """The asyncio contract over a synchronous msight backend (not public API).
 
+:class:`AsyncQueueBase` is the consuming side every async backend shares: the
+receiving hand-off (:mod:`._handoff`), ``listen()``, ``receive()``, the wake-ups
+and the one-time close. :class:`AsyncQueueBackend` adds the rest for a backend
+whose I/O threads stay those of its synchronous facade (Redis, Kafka, memory);
+the NATS backend runs its client on the caller's loop instead (:mod:`.nats`).
+
 :class:`AsyncQueueBackend` implements :class:`~msight_core.aio.base.AsyncPubSubBackend`
 for every msight backend built on the shared template: it holds the
 synchronous facade as a *core* (the facade with the :class:`~._handoff.LoopFed`
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -32,7 +39,7 @@ from ._handoff import CLOSED, LoopFed, resolve
 from ._outlet import PROBE_BYTES, Outlet
 from .base import AsyncPubSubBackend
 
-__all__ = ["AsyncQueueBackend"]
+__all__ = ["AsyncQueueBackend", "AsyncQueueBase"]
 
 logger = logging.getLogger("msight_core.aio")
 
@@ -51,38 +58,23 @@ POLLS = 10
 HOT_FOR = 1.0
 
 
-class AsyncQueueBackend(AsyncPubSubBackend):
-    """The async contract over a :class:`LoopFed` synchronous backend.
+class AsyncQueueBase(AsyncPubSubBackend):
+    """The consuming side over a :class:`LoopFed` core's receive queue.
+
+    Subclasses implement ``subscribe``, ``publish``, ``flush`` and
+    :meth:`_release` (what closing does after the consumers were woken).
 
     Args:
-        core: the synchronous backend, made with the ``LoopFed`` mixin.
-        publish: its publish bound and timeout (the outlet's timeout).
+        core: the synchronous backend (or queue), made with the ``LoopFed`` mixin.
     """
 
-    def __init__(self, core: LoopFed, publish: PublishConfig) -> None:
+    #: Switch to polling on a fast stream (see ``_wait``): worth it only when the
+    #: producer is another thread, whose every wake-up writes to the loop's pipe.
+    polls = True
+
+    def __init__(self, core: LoopFed) -> None:
         self._core = core
         self.capabilities = core.capabilities
-        self._timeout = publish.timeout
-        self._executor = ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix=f"msight-aio-{type(self).__name__}"
-        )
-        self._outlet = Outlet(
-            core.send_checked,
-            core.sender(),
-            max_bytes=min(publish.buffer_bytes, OUTLET_BYTES),
-            max_messages=OUTLET_MESSAGES,
-            timeout=publish.timeout,
-            executor=self._executor,
-            probe=core.backlog_probe(),
-            # Direct while a probe interval more cannot fill the backend's buffer.
-            backlog_bytes=max(publish.buffer_bytes - 4 * PROBE_BYTES, publish.buffer_bytes // 2),
-            name_of=core.name_of,
-            what=type(self).__name__,
-        )
-        if type(self).publish is AsyncQueueBackend.publish:
-            # The hot path of a publishing loop: the outlet's coroutine itself, one
-            # coroutine per message instead of two (a subclass's publish() still wins).
-            self.publish = self._outlet.publish  # type: ignore[method-assign]
         self._closing = False
         self._closed: asyncio.Future[None] | None = None
         self._waiting: set[asyncio.Future[None]] = set()  # consumers' wake-ups, for close()
@@ -91,17 +83,6 @@ class AsyncQueueBackend(AsyncPubSubBackend):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} over {self._core!r}>"
-
-    # -- the contract -----------------------------------------------------------------
-
-    async def subscribe(self, topic: Any) -> None:
-        self._check_open()
-        # The synchronous subscribe() checks the name (or pattern) and waits for the
-        # broker's confirmation: in a worker thread, so the loop goes on meanwhile.
-        await self._in_worker(self._core.subscribe, topic)
-
-    async def publish(self, topic: Any, serialized_data: bytes) -> None:
-        await self._outlet.publish(topic, serialized_data)
 
     def listen(self) -> AsyncIterator[bytes]:
         self._check_open()
@@ -118,21 +99,6 @@ class AsyncQueueBackend(AsyncPubSubBackend):
             return None
         return Message(item.topic, item.data)
 
-    async def flush(self, timeout: float | None = None) -> None:
-        if self._closing:
-            return
-        budget = self._timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget
-        if not await self._outlet.drained(budget):
-            count, nbytes = self._outlet.pending()
-            raise BackpressureError(
-                f"flush timed out after {budget:g}s: {count} message(s) ({nbytes} bytes) "
-                "not yet handed to the broker's client"
-            )
-        self._outlet.raise_error()
-        await self._in_worker(self._core.flush, max(deadline - loop.time(), 0.05))
-
     async def close(self) -> None:
         await self._shutdown(commit_in_hand=True)
 
@@ -145,8 +111,6 @@ class AsyncQueueBackend(AsyncPubSubBackend):
         # A message whose processing raised (or was cancelled) is not acknowledged.
         await self._shutdown(commit_in_hand=exc_type is None)
 
-    # -- extras -----------------------------------------------------------------------
-
     @property
     def closed(self) -> bool:
         return self._closing
@@ -157,38 +121,18 @@ class AsyncQueueBackend(AsyncPubSubBackend):
         return self._core.topics
 
     def received_headers(self) -> Any:
-        """Headers of the message handed out last, where the backend keeps them
-        (``None`` otherwise); what :mod:`msight_core.tracing` continues a trace from."""
-        headers = getattr(self._core, "received_headers", None)
-        return headers() if callable(headers) else None
+        """Trace headers of the message handed out last, where the broker has
+        headers (``None`` otherwise); what :mod:`msight_core.tracing` continues
+        a trace from."""
+        return self._core.received_headers()
 
     def stats(self) -> dict[str, Any]:
-        """The synchronous backend's counters, plus what waits in the outlet."""
-        out = self._core.stats()
-        count, nbytes = self._outlet.pending()
-        outlet = self._outlet
-        out.update(
-            outlet_pending=count,
-            outlet_pending_bytes=nbytes,
-            outlet_lost=outlet.lost,
-            published_direct=outlet.direct,
-        )
-        return out
-
-    # -- helpers ----------------------------------------------------------------------
+        """The backend's counters (as the synchronous backend's ``stats()``)."""
+        return self._core.stats()
 
     def _check_open(self) -> None:
         if self._closing:
             raise ClosedError(f"{type(self).__name__} is closed")
-
-    async def _in_worker(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except RuntimeError as exc:
-            if self._closing:  # the executor was shut down meanwhile
-                raise ClosedError(f"{type(self).__name__} is closed") from exc
-            raise
 
     def _next_nowait(self) -> Delivery | None:
         """Acknowledge the message in hand; the next one if queued, else ``None``."""
@@ -220,7 +164,7 @@ class AsyncQueueBackend(AsyncPubSubBackend):
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = None if timeout is None else now + timeout
-        if self._hot_until > now:
+        if self.polls and self._hot_until > now:
             core.settle()
             for _ in range(POLLS):
                 delay = POLL if deadline is None else min(POLL, deadline - loop.time())
@@ -267,15 +211,116 @@ class AsyncQueueBackend(AsyncPubSubBackend):
             self._window_start, self._window_wakes = now, 0
         self._window_wakes += 1
 
+    @abstractmethod
+    async def _release(self, commit_in_hand: bool) -> None:
+        """Close for good (once; consumers are woken already). Not cancelled by
+        the cancellation of a task awaiting ``close()``."""
+
     async def _shutdown(self, commit_in_hand: bool) -> None:
-        if self._closed is not None:
+        if self._closed is not None:  # a second caller waits for the first close
             await asyncio.shield(self._closed)
             return
         loop = asyncio.get_running_loop()
         self._closed = done = loop.create_future()
-        self._closing = self._outlet.closed = True
+        self._closing = True
         for future in self._waiting:
             resolve(future)
+        # A task of its own: cancelling the caller does not cut the close short.
+        task = loop.create_task(self._release(commit_in_hand))
+        task.add_done_callback(lambda t: (t.cancelled() or t.exception(), resolve(done)))
+        await asyncio.shield(done)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # to the first caller only (Kafka: PublishError)
+            raise exc
+
+
+class AsyncQueueBackend(AsyncQueueBase):
+    """The async contract over a :class:`LoopFed` synchronous backend and its threads.
+
+    Args:
+        core: the synchronous backend, made with the ``LoopFed`` mixin.
+        publish: its publish bound and timeout (the outlet's timeout).
+    """
+
+    def __init__(self, core: LoopFed, publish: PublishConfig) -> None:
+        super().__init__(core)
+        self._timeout = publish.timeout
+        self._executor = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix=f"msight-aio-{type(self).__name__}"
+        )
+        self._outlet = Outlet(
+            core.send_checked,
+            core.sender(),
+            max_bytes=min(publish.buffer_bytes, OUTLET_BYTES),
+            max_messages=OUTLET_MESSAGES,
+            timeout=publish.timeout,
+            executor=self._executor,
+            probe=core.backlog_probe(),
+            # Direct while a probe interval more cannot fill the backend's buffer.
+            backlog_bytes=max(publish.buffer_bytes - 4 * PROBE_BYTES, publish.buffer_bytes // 2),
+            name_of=core.name_of,
+            what=type(self).__name__,
+        )
+        if type(self).publish is AsyncQueueBackend.publish:
+            # The hot path of a publishing loop: the outlet's coroutine itself, one
+            # coroutine per message instead of two (a subclass's publish() still wins).
+            self.publish = self._outlet.publish  # type: ignore[method-assign]
+
+    # -- the contract -----------------------------------------------------------------
+
+    async def subscribe(self, topic: Any) -> None:
+        self._check_open()
+        # The synchronous subscribe() checks the name (or pattern) and waits for the
+        # broker's confirmation: in a worker thread, so the loop goes on meanwhile.
+        await self._in_worker(self._core.subscribe, topic)
+
+    async def publish(self, topic: Any, serialized_data: bytes) -> None:
+        await self._outlet.publish(topic, serialized_data)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        if self._closing:
+            return
+        budget = self._timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        if not await self._outlet.drained(budget):
+            count, nbytes = self._outlet.pending()
+            raise BackpressureError(
+                f"flush timed out after {budget:g}s: {count} message(s) ({nbytes} bytes) "
+                "not yet handed to the broker's client"
+            )
+        self._outlet.raise_error()
+        await self._in_worker(self._core.flush, max(deadline - loop.time(), 0.05))
+
+    # -- extras -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The synchronous backend's counters, plus what waits in the outlet."""
+        out = self._core.stats()
+        count, nbytes = self._outlet.pending()
+        outlet = self._outlet
+        out.update(
+            outlet_pending=count,
+            outlet_pending_bytes=nbytes,
+            outlet_lost=outlet.lost,
+            published_direct=outlet.direct,
+        )
+        return out
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _in_worker(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:
+            if self._closing:  # the executor was shut down meanwhile
+                raise ClosedError(f"{type(self).__name__} is closed") from exc
+            raise
+
+    async def _release(self, commit_in_hand: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self._outlet.closed = True
         try:
             try:
                 if not await self._outlet.drained(self._timeout):
@@ -284,12 +329,9 @@ class AsyncQueueBackend(AsyncPubSubBackend):
                 self._outlet.raise_error()
             except MsightError as exc:
                 logger.warning("%s", exc)
-            await asyncio.shield(
-                loop.run_in_executor(self._executor, self._core.close_with, commit_in_hand)
-            )
+            await loop.run_in_executor(self._executor, self._core.close_with, commit_in_hand)
         finally:
             self._executor.shutdown(wait=False)
-            done.set_result(None)
 
 
 class _Payloads:

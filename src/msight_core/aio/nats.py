@@ -1,35 +1,70 @@
 """``AsyncNATSPubSub``: the asyncio twin of :class:`~msight_core.pubsub.NATSPubSub`.
 
-Core NATS or JetStream mode, queue groups, large frames: everything of the
-synchronous backend, whose nats-py client runs on its own event-loop thread.
-Received batches go from that loop to the caller's loop in one
-``call_soon_threadsafe`` per batch; acknowledgements (JetStream) go back the
-same way, in batches. See :mod:`msight_core.aio` for the hand-offs, and why
-the client does not (yet) run on the caller's loop.
+Core NATS or JetStream mode, queue groups, large frames, the checks of what the
+server sends: everything of the synchronous backend, whose roles it reuses
+(:class:`~msight_core.pubsub.nats.NATSLoopClient`), with nats-py running on the
+caller's own event loop: no thread. The parser hands received batches to the
+receive queue on that loop, and a consumer waiting in ``listen()`` or
+``receive()`` is woken with a plain ``call_soon``; ``publish()`` appends to the
+publisher's buffer, which the writer coroutine sends on the same loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from typing import Any
 
-from ..config import NatsConfig
-from ..pubsub.nats import NATSPubSub
+from ..config import NatsConfig, load_nats_config
+from ..errors import ClosedError
+from ..pubsub._core import Delivery, check_payload
+from ..pubsub.nats import NATSLoopClient
 from ._handoff import LoopFed
-from ._template import AsyncQueueBackend
+from ._template import AsyncQueueBase
 
 __all__ = ["AsyncNATSPubSub"]
 
 
-class _Core(NATSPubSub, LoopFed):
-    """NATSPubSub whose receive queue wakes an asyncio consumer."""
+class _Queue(LoopFed):
+    """The receive queue and its bookkeeping (topics, acknowledgements), fed on the
+    loop by a :class:`NATSLoopClient`, which does everything else."""
 
-    def backlog_probe(self) -> Callable[[int], int]:
-        # Messages in the publisher's buffer, not yet handed to nats-py.
-        return lambda handed: int(self.stats().get("publish_buffered", 0))
+    def __init__(self, config: NatsConfig) -> None:
+        super().__init__(config.queue)
+        queue = self._queue
+        self.client = NATSLoopClient(config, queue.put_many, queue.offer, queue.fail)
+        self.capabilities = self.client.capabilities
+
+    def __repr__(self) -> str:
+        return repr(self.client)
+
+    # The synchronous entry points of QueueBackend would block the loop they run on:
+    # AsyncNATSPubSub subscribes and publishes through the client instead.
+    def _subscribe(self, name: str) -> None:
+        raise RuntimeError("AsyncNATSPubSub subscribes on its loop: await subscribe()")
+
+    def _publish(self, name: str, data: bytes) -> None:
+        raise RuntimeError("AsyncNATSPubSub publishes on its loop: await publish()")
+
+    def _close(self) -> None:
+        """Nothing blocking here: AsyncNATSPubSub closes the client after this."""
+
+    def _ack(self, delivery: Delivery) -> None:
+        self.client.ack(delivery.token)
+
+    def _ack_flush(self) -> None:
+        self.client.ack_flush()
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out.update(self.client.stats())
+        return out
 
 
-class AsyncNATSPubSub(AsyncQueueBackend):
+class AsyncNATSPubSub(AsyncQueueBase):
     """NATS pub/sub for asyncio: broadcast or queue groups; JetStream when configured.
+
+    nats-py runs on the loop of the first awaited call (no thread); use the
+    instance from that loop only.
 
     Args:
         config: a :class:`~msight_core.config.NatsConfig`
@@ -41,9 +76,60 @@ class AsyncNATSPubSub(AsyncQueueBackend):
         TypeError: ``config`` is not a ``NatsConfig``.
         ConfigError: a setting is invalid.
 
-    No connection is made until the first ``subscribe()`` or ``publish()``.
+    No connection is made until the first ``subscribe()`` or ``publish()``; the
+    first ``publish()`` to a topic waits for the connection (and, in JetStream
+    mode, the topic's stream), as the synchronous one does; after that
+    ``publish()`` waits only while the outgoing buffer is full.
     """
 
+    # The reader runs on this loop: a wake-up is a call_soon, never worth polling.
+    polls = False
+
     def __init__(self, config: NatsConfig | None = None) -> None:
-        core = _Core(config)
-        super().__init__(core, core.config.publish)
+        if config is None:
+            config = load_nats_config()
+        if not isinstance(config, NatsConfig):
+            raise TypeError(
+                "AsyncNATSPubSub expects a NatsConfig (get_nats_config()), got "
+                f"{type(config).__name__}"
+            )
+        queue = self._feed = _Queue(config)
+        super().__init__(queue)
+        self.config = config
+        self.group_id = config.group_id
+        self._client = queue.client
+        self._subscribing: asyncio.Lock | None = None
+
+    @property
+    def connection_state(self) -> str:
+        """``"connected"``, ``"disconnected for 2.5s"``, ``"not connected"`` ..."""
+        return self._client.connection_state
+
+    async def subscribe(self, topic: Any) -> None:
+        queue = self._feed
+        name, pattern = queue.subscription(topic)  # InvalidTopicError at once
+        self._check_open()
+        if self._subscribing is None:
+            self._subscribing = asyncio.Lock()
+        async with self._subscribing:  # one at a time: a topic is subscribed once
+            self._check_open()
+            if name in queue.topics:
+                return
+            await self._client.subscribe(name, pattern)
+            queue.subscribed(name)
+
+    async def publish(self, topic: Any, serialized_data: bytes) -> None:
+        name = self._feed.name_of(topic)  # InvalidTopicError
+        data = check_payload(serialized_data)  # TypeError
+        if self._closing:
+            raise ClosedError("AsyncNATSPubSub is closed")
+        if not self._client.publish_nowait(name, data):
+            await self._client.publish(name, data)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        if not self._closing:
+            await self._client.flush(timeout)
+
+    async def _release(self, commit_in_hand: bool) -> None:
+        self._feed.close_with(commit_in_hand)  # queue closed, the message in hand acked
+        await self._client.close()
