@@ -23,6 +23,9 @@ from ._template import AsyncQueueBase
 
 __all__ = ["AsyncNATSPubSub"]
 
+#: Bytes ``publish()`` queues before it lets the loop run once (the writer, others).
+YIELD_BYTES = 256 * 1024
+
 
 class _Queue(LoopFed):
     """The receive queue and its bookkeeping (topics, acknowledgements), fed on the
@@ -99,6 +102,8 @@ class AsyncNATSPubSub(AsyncQueueBase):
         self.group_id = config.group_id
         self._client = queue.client
         self._subscribing: asyncio.Lock | None = None
+        self._unyielded = 0  # bytes published since publish() last gave way to the loop
+        self._names: set[str] = set()  # topic names checked by publish()
 
     @property
     def connection_state(self) -> str:
@@ -119,12 +124,24 @@ class AsyncNATSPubSub(AsyncQueueBase):
             queue.subscribed(name)
 
     async def publish(self, topic: Any, serialized_data: bytes) -> None:
-        name = self._feed.name_of(topic)  # InvalidTopicError
-        data = check_payload(serialized_data)  # TypeError
+        if type(topic) is str and topic in self._names and type(serialized_data) is bytes:
+            name, data = topic, serialized_data  # a name checked before, bytes
+        else:
+            name = self._feed.name_of(topic)  # InvalidTopicError
+            data = check_payload(serialized_data)  # TypeError
+            if len(self._names) < 10_000:
+                self._names.add(name)
         if self._closing:
             raise ClosedError("AsyncNATSPubSub is closed")
         if not self._client.publish_nowait(name, data):
             await self._client.publish(name, data)
+            return
+        # A publishing loop that never suspends would keep the writer (a task of this
+        # same loop) and every other task from running: give way every YIELD_BYTES.
+        self._unyielded += len(data) + 64
+        if self._unyielded >= YIELD_BYTES:
+            self._unyielded = 0
+            await asyncio.sleep(0)
 
     async def flush(self, timeout: float | None = None) -> None:
         if not self._closing:

@@ -23,8 +23,10 @@ from typing import Any
 
 from ...config import NatsConfig
 from ...errors import BackpressureError, MsightError
+from ...tracing import outgoing
 from .._core import Delivery
 from ..base import Capabilities
+from .commands import header_lines
 from .conn import run_here
 from .parts import assemble, counters, trace_lines
 
@@ -57,6 +59,8 @@ class LoopClient:
         self.config = config
         self._parts = assemble(config, deliver, fail, offer)
         self.capabilities: Capabilities = self._parts.mode.capabilities
+        self._conn, self._mode = self._parts.conn, self._parts.mode  # the hot path's
+        self._publisher = self._parts.publisher
         self.where = self._parts.conn.where
 
     def __repr__(self) -> str:
@@ -96,15 +100,16 @@ class LoopClient:
         Raises:
             PublishError: an earlier JetStream message was refused.
         """
-        parts = self._parts
-        conn = parts.conn
-        mode = parts.mode
+        conn = self._conn
+        mode = self._mode
         if conn.client is None or not mode.ready(name):
             return False
         max_payload = conn.max_payload
         if len(data) > max_payload - mode.headroom:
             return False
-        return parts.publisher.publish(name, data, max_payload, trace_lines(), wait=False)
+        trace = outgoing()  # None unless tracing is on and a span is active
+        lines = header_lines(trace) if trace else b""
+        return self._publisher.publish(name, data, max_payload, lines, False)
 
     async def publish(self, name: str, data: bytes) -> None:
         """Queue ``data`` for ``name``, awaiting what :meth:`publish_nowait` would not.

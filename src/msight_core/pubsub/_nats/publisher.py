@@ -75,7 +75,8 @@ class Publisher(Receipts):
         self._nc: Any = None
         self._wire: Wire | None = None
         self.resend_after = max(2.0, min(self.timeout / 2, 5.0))
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # publish() takes the bare lock: faster
         self._buf: list[Any] = []
         self._buf_plain = True  # the buffer holds only protocol bytes (no frames, no acks to track)
         self._buf_bytes = 0
@@ -131,7 +132,7 @@ class Publisher(Receipts):
             if prefix is None:
                 prefix = self._prefixes[name] = b"PUB " + name.encode() + b" "
             head = b"%s%d\r\n" % (prefix, size)
-        with self._cond:
+        with self._lock:
             if self._error is not None:
                 self._raise_error()
             held = self._buf_bytes + self._sent_bytes
