@@ -82,7 +82,8 @@ class AsyncNATSPubSub(AsyncQueueBase):
     No connection is made until the first ``subscribe()`` or ``publish()``; the
     first ``publish()`` to a topic waits for the connection (and, in JetStream
     mode, the topic's stream), as the synchronous one does; after that
-    ``publish()`` waits only while the outgoing buffer is full.
+    ``publish()`` waits only while the outgoing buffer is full. A ``publish()``
+    cancelled while it waits has queued nothing; one that returned is sent.
     """
 
     # The reader runs on this loop: a wake-up is a call_soon, never worth polling.
@@ -131,17 +132,18 @@ class AsyncNATSPubSub(AsyncQueueBase):
             data = check_payload(serialized_data)  # TypeError
             if len(self._names) < 10_000:
                 self._names.add(name)
-        if self._closing:
-            raise ClosedError("AsyncNATSPubSub is closed")
-        if not self._client.publish_nowait(name, data):
-            await self._client.publish(name, data)
-            return
-        # A publishing loop that never suspends would keep the writer (a task of this
-        # same loop) and every other task from running: give way every YIELD_BYTES.
-        self._unyielded += len(data) + 64
         if self._unyielded >= YIELD_BYTES:
+            # A publishing loop that never suspends would keep the writer (a task of
+            # this same loop) and every other task from running: give way every
+            # YIELD_BYTES, before queueing (a cancellation here queues nothing).
             self._unyielded = 0
             await asyncio.sleep(0)
+        if self._closing:
+            raise ClosedError("AsyncNATSPubSub is closed")
+        if self._client.publish_nowait(name, data):
+            self._unyielded += len(data) + 64
+        else:
+            await self._client.publish(name, data)
 
     async def flush(self, timeout: float | None = None) -> None:
         if not self._closing:
