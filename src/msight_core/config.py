@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "KafkaConfig",
+    "MetricsConfig",
     "NatsConfig",
     "OverflowPolicy",
     "PublishConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "environment",
     "kafka_client_conf",
     "load_kafka_config",
+    "load_metrics_config",
     "load_nats_config",
     "load_publish_config",
     "load_queue_config",
@@ -381,6 +383,26 @@ class ShmConfig:
     def segment_bound(self, subscribers: int | None = None) -> int:
         """Most bytes of ``/dev/shm`` one publisher of a topic can use."""
         return self.samples_per_publisher(subscribers) * (self.max_frame_bytes + 4096)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where a node serves Prometheus metrics (extra ``metrics``; see :mod:`msight_core.metrics`)."""
+
+    port: int | None = None
+    """TCP port of the node's ``/metrics`` endpoint; unset: no endpoint, ``0``: any free
+    port (logged). The nodes of a process with the same setting share one
+    endpoint (``MSIGHT_METRICS_PORT``)."""
+    address: str = "0.0.0.0"
+    """Address the endpoint listens on; ``127.0.0.1`` keeps it to this
+    host (``MSIGHT_METRICS_ADDRESS``)."""
+
+    def __post_init__(self) -> None:
+        port = self.port
+        if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+            raise ConfigError(f"metrics port must be an integer in [0, 65535], got {port!r}")
+        if not isinstance(self.address, str) or not self.address:
+            raise ConfigError("metrics address must be a host name or address")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -940,5 +962,17 @@ def load_shm_config(env: Mapping[str, str] | None = None, **overrides: Any) -> S
         max_group_members=e.int(p + "MAX_GROUP_MEMBERS", d.max_group_members, 1, 1024),
         prefault_frames=e.int(p + "PREFAULT_FRAMES", d.prefault_frames, 0, 64),
         queue=load_queue_config(env),
+    )
+    return _replace(config, overrides)
+
+
+def load_metrics_config(env: Mapping[str, str] | None = None, **overrides: Any) -> MetricsConfig:
+    """Build a :class:`MetricsConfig` from ``MSIGHT_METRICS_*``."""
+    e = _Env(env)
+    p = "MSIGHT_METRICS_"
+    port = e.int(p + "PORT", -1, minimum=0, maximum=65535)
+    config = MetricsConfig(
+        port=None if port < 0 else port,
+        address=e.str(p + "ADDRESS") or MetricsConfig.address,
     )
     return _replace(config, overrides)

@@ -101,6 +101,7 @@ def _variables_read_by_the_loaders() -> set[str]:
     config.load_nats_config(env=env)
     config.load_kafka_config(env=env)
     config.load_shm_config(env)
+    config.load_metrics_config(env)
     return env.asked
 
 

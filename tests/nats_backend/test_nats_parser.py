@@ -111,7 +111,7 @@ class _Recorder:
         assert hooks is not None
         self.parser = FastParser(hooks)
 
-        def direct(subject: str, data: bytes, reply: bytes) -> None:
+        def direct(subject: str, data: bytes, reply: bytes, headers: bytes | None) -> None:
             self.events.append(("direct", subject, data))
             self.replies.append(reply)
 

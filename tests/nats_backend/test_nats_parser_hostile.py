@@ -61,7 +61,9 @@ def parse(*pieces: bytes, fail_msgs: bool = False) -> tuple[FastParser, list[Any
     hooks = StubHooks(fail_msgs)
     parser = FastParser(hooks)
     delivered: list[bytes] = []
-    parser.route(SID, lambda subject, data, reply: delivered.append(data), b"Msight-Frame:")
+    parser.route(
+        SID, lambda subject, data, reply, headers: delivered.append(data), b"Msight-Frame:"
+    )
 
     async def run() -> None:
         for piece in pieces:
@@ -75,7 +77,7 @@ def protocol_error(*pieces: bytes) -> list[bytes]:
     delivered: list[bytes] = []
     hooks = StubHooks()
     parser = FastParser(hooks)
-    parser.route(SID, lambda subject, data, reply: delivered.append(data))
+    parser.route(SID, lambda subject, data, reply, headers: delivered.append(data))
 
     async def run() -> None:
         for piece in pieces:
@@ -175,7 +177,7 @@ def test_mutated_streams_raise_only_protocol_errors(
     pieces.append(wire[pos:])
     hooks = StubHooks(fail_msgs=True)
     parser = FastParser(hooks)
-    parser.route(SID, lambda subject, data, reply: None)
+    parser.route(SID, lambda subject, data, reply, headers: None)
 
     async def run() -> None:
         for piece in pieces:

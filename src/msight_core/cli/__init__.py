@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", default="1920x1080", help="camera frame WIDTHxHEIGHT (x3 bytes)")
     p.add_argument("--points", type=int, default=100_000, help="lidar points per cloud")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus /metrics of the nodes on PORT (0: any free port; extra 'metrics')",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "broker",
@@ -245,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         width, height = parse_frame(args.frame)
         opts = DemoOptions(
             duration=args.duration, rate=args.rate, width=width, height=height,
-            points=args.points, json_path=args.json_path,
+            points=args.points, json_path=args.json_path, metrics_port=args.metrics_port,
         )  # fmt: skip
         target = resolve_target(args.backend, embedded=args.embedded)
         try:

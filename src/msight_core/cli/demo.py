@@ -44,6 +44,7 @@ class DemoOptions:
     points: int = 100_000
     refresh: float = 1.0
     json_path: str | None = None
+    metrics_port: int | None = None  # every node of the demo serves /metrics on it
 
 
 class Meter:
@@ -250,8 +251,9 @@ def run_demo(target: Target, opts: DemoOptions, out: TextIO) -> int:
 
     def cfg(name: str, **kw: Any) -> NodeConfig:
         return NodeConfig(
-            name=name, register_topics=False, stats_interval=0, logging_level="WARNING", **kw
-        )
+            name=name, register_topics=False, stats_interval=0, logging_level="WARNING",
+            metrics_port=opts.metrics_port, **kw,
+        )  # fmt: skip
 
     env = target.env
     receivers: list[_Running] = []
@@ -292,6 +294,8 @@ def run_demo(target: Target, opts: DemoOptions, out: TextIO) -> int:
         except KeyboardInterrupt:
             say("interrupted before the sources started")
             return 0
+        if detector.metrics_url is not None:
+            say(f"metrics of all nodes on {detector.metrics_url}")
         sources = [_start(camera), _start(lidar)]
         started = time.monotonic()
         table = _Table(out, target, opts, meters)

@@ -56,6 +56,9 @@ class NodeConfig:
         receive_timeout: seconds a loop waits for a message before checking the
             stop flag again.
         flush_timeout: seconds to wait for pending publishes at shutdown.
+        metrics_port: serve Prometheus ``/metrics`` on this port while spinning
+            (extra ``metrics``; 0: any free port; default ``MSIGHT_METRICS_PORT``,
+            unset: no endpoint). See :mod:`msight_core.metrics`.
     """
 
     name: str | None = None
@@ -77,6 +80,7 @@ class NodeConfig:
     register_topics: bool | None = None
     receive_timeout: float | None = None
     flush_timeout: float | None = None
+    metrics_port: int | None = None
 
     def update(self, cfg: NodeConfig | None) -> None:
         """Copy every non-``None`` value of ``cfg`` into this config."""

@@ -46,6 +46,9 @@ class NodeStats:
         self._total = _Window()
         self._window = _Window()
         self.started = self._window_start = time.monotonic()
+        #: Also told each :meth:`processed` (``observe(seconds, latency)``), from the
+        #: node's thread: the metrics' histograms. ``None``: nobody.
+        self.observer: Any = None
 
     def _both(self) -> tuple[_Window, _Window]:
         return self._total, self._window
@@ -87,6 +90,9 @@ class NodeStats:
                     w.lat_n += 1
                     w.lat_sum += latency
                     w.lat_max = max(w.lat_max, latency)
+        observer = self.observer
+        if observer is not None:
+            observer.observe(seconds, latency)
 
     def snapshot(self, reset_window: bool = False) -> dict[str, Any]:
         """Totals and window figures as a dict (rates per second, times in seconds)."""

@@ -65,10 +65,14 @@ class Node:
         redis_client: client for the topic registry (default: one from
             ``MSIGHT_REDIS_MESSAGE_BROKER_*`` when the registry is used).
         env: environment mapping to read instead of ``os.environ``.
+        metrics_port: serve Prometheus metrics on this port while spinning
+            (overrides ``NodeConfig.metrics_port`` and ``MSIGHT_METRICS_PORT``;
+            0: any free port, see :attr:`metrics_url`).
 
     Raises:
         ConfigError: a missing name or an invalid setting.
-        MissingDependencyError: the backend's extra is not installed.
+        MissingDependencyError: the backend's extra is not installed, or a
+            metrics port is set without the ``metrics`` extra.
         BrokerError: the topic registry was required and failed.
     """
 
@@ -95,6 +99,7 @@ class Node:
         *,
         redis_client: Any = None,
         env: Any = None,
+        metrics_port: int | None = None,
     ) -> None:
         base = getattr(type(self), "combined_configs", Node.default_configs)
         self.configs = base.copy()
@@ -125,6 +130,14 @@ class Node:
             cfg.publish_topic_data_type, "publish_topic_data_type"
         )
         wanted = _data_class(cfg.subscribe_topic_data_type, "subscribe_topic_data_type")
+        self._metrics_config = _metrics_config(metrics_port, cfg.metrics_port, env)
+        self._metrics: Any = None
+        self._observer: Any = None
+        if self._metrics_config is not None:
+            from ..metrics import NodeObserver  # MissingDependencyError without the extra
+
+            self._observer = self.stats.observer = NodeObserver()
+        self._tracer: Any = None
         self.pubsub: PubSubBackend = (
             pubsub if pubsub is not None else get_pubsub(group_id=self.group_id, env=env)
         )
@@ -183,6 +196,11 @@ class Node:
     # -- public API -----------------------------------------------------------------
 
     @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics`` while the node serves metrics, else ``None``."""
+        return self._metrics.url if self._metrics is not None else None
+
+    @property
     def stopping(self) -> bool:
         """True once :meth:`stop` was called or a stop signal arrived."""
         return self._stop_event.is_set()
@@ -204,6 +222,13 @@ class Node:
         if self.publish_topic is None:
             raise ConfigError(f"node {self.name!r} has no publish_topic_name")
         self.on_before_publish(data)
+        if self._tracer is None:
+            self._publish_items(data)
+            return
+        with self._tracer.producing():  # a source's frame starts a trace
+            self._publish_items(data)
+
+    def _publish_items(self, data: Data | list[Data]) -> None:
         for item in data if isinstance(data, list) else (data,):
             payload = item.serialize()
             self.pubsub.publish(self.publish_topic, payload)
@@ -228,6 +253,7 @@ class Node:
         previous = self._install_signals() if handle_signals else {}
         _ensure_logging()
         try:
+            self._start_telemetry()
             self._start()
             self.on_before_spin()
             self.status = NodeStatus.RUNNING
@@ -270,6 +296,9 @@ class Node:
                 self._own_redis.close()
             except Exception:
                 self.logger.debug("closing the registry client failed", exc_info=True)
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
         if self.status is not NodeStatus.REGISTERED:
             self.logger.info("node %s stopped: %s", self.name, self.stats.summary())
 
@@ -283,6 +312,29 @@ class Node:
 
     def _start(self) -> None:
         """Set up before the loop (processing nodes subscribe here)."""
+
+    def _start_telemetry(self) -> None:
+        """Start the ``/metrics`` endpoint (metrics port set) and the tracer (otel set up)."""
+        from ..tracing import node_tracer
+
+        topic = self.subscribe_topic or self.publish_topic
+        self._tracer = node_tracer(self.name, topic.name if topic else "", self.pubsub)
+        config = self._metrics_config
+        if config is None or self._metrics is not None:
+            return
+        from ..metrics import MetricsEndpoint, NodeCollector, backend_label
+
+        collector = NodeCollector(
+            self.name,
+            backend_label(self.pubsub),
+            self.subscribe_topic.name if self.subscribe_topic else None,
+            self.publish_topic.name if self.publish_topic else None,
+            self.stats.snapshot,
+            getattr(self.pubsub, "stats", None),
+            self._observer,
+        )
+        self._metrics = MetricsEndpoint(collector, config.address, config.port)
+        self.logger.info("node %s serves metrics on %s", self.name, self._metrics.url)
 
     def _loop(self, life_span: int) -> None:
         raise NotImplementedError
@@ -313,6 +365,8 @@ class Node:
         :meth:`on_error`, logged at most with one traceback per interval).
         """
         self.stats.error()
+        if self._observer is not None:
+            self._observer.rejected()
         try:
             self.on_error(exc)
         except Exception:
@@ -513,6 +567,13 @@ class DataProcessingNode(Node):
             messages.close()
 
     def _handle(self, payload: bytes) -> None:
+        if self._tracer is None:
+            self._handle_payload(payload)
+            return
+        with self._tracer.processing():  # continues the sender's trace
+            self._handle_payload(payload)
+
+    def _handle_payload(self, payload: bytes) -> None:
         started = time.perf_counter()
         self.stats.received(len(payload))
         if not self._take_frame():
@@ -549,6 +610,15 @@ class SinkNode(DataProcessingNode):
 
     def process(self, data: Data) -> None:
         self.on_message(data)
+
+
+def _metrics_config(explicit: int | None, configured: int | None, env: Any) -> Any:
+    """The node's :class:`~msight_core.config.MetricsConfig`, or ``None`` without a port."""
+    from ..config import load_metrics_config
+
+    port = explicit if explicit is not None else configured
+    config = load_metrics_config(env, **({"port": port} if port is not None else {}))
+    return config if config.port is not None else None
 
 
 def _ensure_logging() -> None:

@@ -45,6 +45,9 @@ class Delivery(NamedTuple):
     data: bytes
     token: Any = None
     """Backend-specific acknowledgement token (``None``: nothing to acknowledge)."""
+    headers: Any = None
+    """The message's trace headers, where the broker has headers and the sender set
+    them (a mapping or ``(name, value)`` pairs; ``None``: none). Untrusted."""
 
 
 class State(Enum):
@@ -268,16 +271,7 @@ class QueueBackend(PubSubBackend):
     # -- the seed contract --------------------------------------------------------
 
     def subscribe(self, topic: Any) -> None:
-        raw = topic if type(topic) is str else getattr(topic, "name", topic)
-        pattern = type(raw) is str and is_topic_pattern(raw)
-        if pattern:
-            name = validate_topic_pattern(raw)
-            if not self.capabilities.patterns:
-                raise InvalidTopicError(
-                    f"{type(self).__name__} does not support wildcard subscriptions ({name!r})"
-                )
-        else:
-            name = self._name(topic)
+        name, pattern = self._subscription(topic)
         with self._state_lock:
             self._check_open()
             if name in self._topics:
@@ -380,6 +374,12 @@ class QueueBackend(PubSubBackend):
         """Names subscribed on this instance, in subscription order."""
         return tuple(self._topics)
 
+    def received_headers(self) -> Any:
+        """Trace headers of the message ``listen()``/``receive()`` handed out last
+        (``None``: none, or the broker has no headers); see :mod:`msight_core.tracing`."""
+        in_hand = self._in_hand
+        return None if in_hand is None else in_hand.headers
+
     def stats(self) -> dict[str, Any]:
         """Counters for the application: delivered, queued, dropped per topic."""
         return {
@@ -399,6 +399,23 @@ class QueueBackend(PubSubBackend):
         if len(self._valid_names) < 10_000:
             self._valid_names.add(name)
         return name
+
+    def _subscription(self, topic: Any) -> tuple[str, bool]:
+        """The checked name of ``topic`` and whether it is a wildcard pattern.
+
+        Raises:
+            InvalidTopicError: not a portable name, or a pattern this backend
+                cannot subscribe.
+        """
+        raw = topic if type(topic) is str else getattr(topic, "name", topic)
+        if type(raw) is str and is_topic_pattern(raw):
+            name = validate_topic_pattern(raw)
+            if not self.capabilities.patterns:
+                raise InvalidTopicError(
+                    f"{type(self).__name__} does not support wildcard subscriptions ({name!r})"
+                )
+            return name, True
+        return self._name(topic), False
 
     def _check_open(self) -> None:
         if self._state is not State.OPEN:

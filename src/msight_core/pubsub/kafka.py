@@ -54,6 +54,7 @@ from typing import Any
 
 from ..config import KafkaConfig, OverflowPolicy, load_kafka_config
 from ..errors import ConfigError, MsightError
+from ..tracing import outgoing
 from ._core import Delivery, QueueBackend
 from ._kafka.admin import TopicAdmin
 from ._kafka.errors import translate
@@ -127,7 +128,8 @@ class KafkaPubSub(QueueBackend):
         publisher = self._publisher
         if publisher is None:
             publisher = self._make_publisher()
-        publisher.publish(name, data)
+        trace = outgoing()  # W3C trace context as record headers, when tracing is on
+        publisher.publish(name, data, list(trace.items()) if trace else None)
 
     def _make_publisher(self) -> Publisher:
         with self._state_lock:

@@ -37,6 +37,14 @@ parser straight into the bounded receive queue read by ``listen()`` /
   when the application asks for the next one (or closes the backend), and
   ``capabilities.persistent`` is true.
 
+* **Trace context.** With ``opentelemetry-api`` installed and a tracer provider
+  set, a publish inside a span carries W3C ``traceparent``/``tracestate``
+  headers (an ``HPUB``; the payload is unchanged); a received message's are
+  kept (checked, bounded) for ``received_headers()`` (:mod:`msight_core.tracing`).
+
+:class:`NATSLoopClient` is the same machinery with nats-py on the caller's own
+event loop, no thread: the engine of :class:`msight_core.aio.AsyncNATSPubSub`.
+
 The machinery lives in the private package :mod:`msight_core.pubsub._nats`:
 :class:`~._nats.publisher.Publisher` and :class:`~._nats.subscriber.Subscriber`,
 the mode (core or JetStream) in :mod:`~._nats.modes`, and the only uses of
@@ -52,17 +60,15 @@ import time
 import weakref
 from typing import Any
 
-from ..config import NatsConfig, OverflowPolicy, load_nats_config
+from ..config import NatsConfig, load_nats_config
 from ..errors import BackpressureError, MsightError
 from ._core import Delivery, QueueBackend
-from ._nats.conn import Connection, Listeners, client_options
-from ._nats.frames import LargeFrames
-from ._nats.modes import CoreMode, JetStreamMode
-from ._nats.publisher import Publisher
-from ._nats.subscriber import Subscriber
+from ._nats.modes import CoreMode
+from ._nats.native import LoopClient as NATSLoopClient
+from ._nats.parts import assemble, counters, trace_lines
 from .base import Capabilities
 
-__all__ = ["NATSPubSub"]
+__all__ = ["NATSLoopClient", "NATSPubSub"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,37 +113,15 @@ class NATSPubSub(QueueBackend):
         super().__init__(config.queue)
         self.config = config
         self.group_id = config.group_id
-        conn = self._conn = Connection(config, client_options(config))  # ConfigError early
-        self.servers_shown = conn.where
-        large = self._large = LargeFrames(
-            config.large_frame_ttl, config.large_frame_store_bytes, config.publish.timeout
-        )
-        publisher = self._publisher = Publisher(
-            config.jetstream, config.publish, large, conn.where, conn.describe
-        )
-        mode: CoreMode | JetStreamMode
-        if config.jetstream:
-            mode = JetStreamMode(config, conn.run, conn.current, publisher.send_raw)
-        else:
-            mode = CoreMode(config.group_id, config.connect_timeout)
-        self._mode = mode
-        self.capabilities: Capabilities = mode.capabilities
-        subscriber = self._subscriber = Subscriber(
-            mode,
-            large,
-            self._queue.put_many,
-            config.connect_timeout,
-            blocking=config.queue.overflow is OverflowPolicy.BLOCK,
-        )
-        self._listeners = Listeners(
-            created=subscriber.attach,
-            connected=publisher.start,
-            lost=publisher.lost_connection,
-            restored=publisher.reconnected,
-            dropped=subscriber.route_done,
-            closed=self._queue.fail,
-            topics=subscriber.topics,
-        )
+        parts = self._parts = assemble(config, self._queue.put_many, self._queue.fail)
+        self._conn = parts.conn  # ConfigError early (TLS files, auth settings)
+        self.servers_shown = parts.conn.where
+        self._large = parts.large
+        self._publisher = parts.publisher
+        self._mode = parts.mode
+        self.capabilities: Capabilities = parts.mode.capabilities
+        self._subscriber = parts.subscriber
+        self._listeners = parts.listeners
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("connected" if self._conn.client else "idle")
@@ -198,7 +182,7 @@ class NATSPubSub(QueueBackend):
             self._large.admit(
                 len(data), max_payload, conn.jetstream_available, conn.run, conn.client
             )
-        self._publisher.publish(name, data, max_payload)
+        self._publisher.publish(name, data, max_payload, trace_lines())
 
     def _flush(self, timeout: float | None) -> None:
         conn = self._conn
@@ -245,22 +229,5 @@ class NATSPubSub(QueueBackend):
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
-        pub = self._publisher
-        buffered, unacked = pub.pending()
-        out.update(
-            published=pub.published,
-            possibly_lost=pub.possibly_lost,
-            publish_buffered=buffered,
-            unacknowledged=unacked,
-            resent=pub.resent,
-            publish_retried=pub.retried,
-            publish_failed=pub.failed,
-            large_frames_sent=pub.frames,
-            large_frames_received=self._large.fetched,
-            large_frames_lost=self._large.lost,
-            malformed_dropped=self._subscriber.dropped,
-            reconnects=self._conn.reconnects,
-            outage_seconds=round(self._conn.outage_seconds, 3),
-            slow_consumer_drops=self._conn.slow_consumer_drops,
-        )
+        out.update(counters(self._parts))
         return out

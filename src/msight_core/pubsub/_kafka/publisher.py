@@ -359,24 +359,25 @@ class Publisher:
                     self._limits[name] = limit = max(limit, 1024)
         return limit
 
-    def publish(self, name: str, data: bytes) -> None:
+    def publish(self, name: str, data: bytes, trace: Any = None) -> None:
+        # trace: (name, value) pairs of W3C trace context (msight_core.tracing), or None.
         if self._failed:
             self.raise_failures()
         limit = self._limits.get(name) or self.limit(name)
         if len(data) <= limit:
-            self._produce(name, data, self._key, None)
+            self._produce(name, data, self._key, trace)
         else:
-            self._publish_chunked(name, data, limit)
+            self._publish_chunked(name, data, limit, trace or [])
         self.published += 1
 
-    def _publish_chunked(self, name: str, data: bytes, limit: int) -> None:
+    def _publish_chunked(self, name: str, data: bytes, limit: int, trace: Any = ()) -> None:
         frame_id = self._frame_ids.next()
         key = self._key or frame_id
         # One frame's chunks stay contiguous among this producer's frames, which
         # lets the consumer drop a frame whose producer moved on without finishing.
         with self._chunk_lock:
             for chunk, headers in split(data, limit, frame_id):
-                self._produce(name, chunk, key, headers)
+                self._produce(name, chunk, key, headers + list(trace))
         self.chunked_frames += 1
 
     def _produce(self, name: str, value: bytes, key: Any, headers: Any) -> None:

@@ -437,7 +437,8 @@ class Subscriber:
             if data is None:
                 data = b""
             # Only group members commit, so only their deliveries carry a token.
-            out.append(Delivery(topic, data, (part, safe, gen) if grouped else None))
+            token = (part, safe, gen) if grouped else None
+            out.append(Delivery(topic, data, token, headers))  # headers: trace context
         if self._outage_logged and msgs:
             self._outage_logged = False
 

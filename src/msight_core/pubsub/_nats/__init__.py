@@ -5,8 +5,8 @@ names and signatures change without notice.
 
 * :mod:`.conn` -- the event-loop thread, client options, error translation and
   the :class:`~.conn.Connection` (connect, reconnect bookkeeping, callbacks).
-* :mod:`.publisher` -- :class:`~.publisher.Publisher`: the outgoing buffer, the
-  writer coroutine and JetStream ack tracking.
+* :mod:`.publisher` -- :class:`~.publisher.Publisher`: the outgoing buffer and
+  the writer coroutine; :mod:`.acks` -- its JetStream ack tracking and receipts.
 * :mod:`.subscriber` -- :class:`~.subscriber.Subscriber`: subscriptions, the
   parser's direct routes and the feed of the receive queue.
 * :mod:`.modes` -- core NATS and JetStream mode, the strategy a backend holds.
@@ -18,6 +18,9 @@ names and signatures change without notice.
 * :mod:`.routes` -- where parsed messages go: nats-py's handlers, direct routes.
 * :mod:`.emit` -- how the writer hands a batch over, pacing large messages.
 * :mod:`.internals` -- the only module that touches nats-py's private API.
+* :mod:`.parts` -- how a backend's roles are put together (both backends).
+* :mod:`.native` -- :class:`~.native.LoopClient`: the roles on the caller's own
+  loop, for the asyncio backend (exposed as ``pubsub.nats.NATSLoopClient``).
 
 Imports go one way: ``internals``, ``frames``, ``receiver``, ``routes`` and
 ``streams`` import nothing from here (``commands`` only ``frames``, ``parser``

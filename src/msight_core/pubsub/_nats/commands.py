@@ -13,14 +13,39 @@ large-frame stream followed by a notice on the topic (:mod:`.frames`), cut by
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from typing import Any
 
 from .frames import LARGE_SUBJECT_PREFIX, chunk_header, notice_headers
 
-__all__ = ["CRLF", "Commands", "Frame", "Tracked"]
+__all__ = ["CRLF", "Commands", "Frame", "Tracked", "header_lines", "hpub_head"]
 
 CRLF = b"\r\n"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_VALUE = re.compile(r"[\x20-\x7e]{0,512}")
+
+
+def header_lines(headers: dict[str, str] | None) -> bytes:
+    """``Name: value\\r\\n`` lines of ``headers`` (trace context) for an ``HPUB``.
+
+    Pairs that would break the header block (a name that is not a token, a
+    value with a control character or longer than 512) are left out.
+    """
+    if not headers:
+        return b""
+    return b"".join(
+        f"{k}: {v}\r\n".encode()
+        for k, v in headers.items()
+        if isinstance(k, str) and isinstance(v, str) and _NAME.fullmatch(k) and _VALUE.fullmatch(v)
+    )
+
+
+def hpub_head(name: str, size: int, lines: bytes) -> bytes:
+    """The head of a core ``HPUB`` of ``size`` payload bytes with the header ``lines``,
+    header block included: the payload and a CRLF follow it."""
+    hdr = b"NATS/1.0\r\n" + lines + CRLF
+    return b"HPUB %s %d %d\r\n%s" % (name.encode(), len(hdr), len(hdr) + size, hdr)
 
 
 class Tracked:
@@ -40,12 +65,13 @@ class Tracked:
 class Frame:
     """A payload above ``max_payload``: chunked into JetStream by the writer."""
 
-    __slots__ = ("data", "name", "size")
+    __slots__ = ("data", "lines", "name", "size")
 
-    def __init__(self, name: str, data: bytes) -> None:
+    def __init__(self, name: str, data: bytes, lines: bytes = b"") -> None:
         self.name = name
         self.data = data
         self.size = len(data)
+        self.lines = lines
 
 
 class Commands:
@@ -74,10 +100,11 @@ class Commands:
             len(hdr) + size,
         )
 
-    def tracked(self, name: str, data: bytes, size: int) -> Tracked:
-        """``data`` for ``name``, stored once by the stream however often it is sent."""
+    def tracked(self, name: str, data: bytes, size: int, lines: bytes = b"") -> Tracked:
+        """``data`` for ``name``, stored once by the stream however often it is sent
+        (``lines``: more header lines, from :func:`header_lines`)."""
         ident = next(self._ids)
-        hdr = b"NATS/1.0\r\nNats-Msg-Id: %s.%d\r\n\r\n" % (self._msgid_prefix, ident)
+        hdr = b"NATS/1.0\r\nNats-Msg-Id: %s.%d\r\n%s\r\n" % (self._msgid_prefix, ident, lines)
         head = self._hpub(name.encode(), ident, hdr, size)
         return Tracked(ident, [head, hdr, data, CRLF], len(hdr) + size, name)
 
@@ -85,7 +112,8 @@ class Commands:
         """The chunks of ``frame`` (on ``stream``, ``chunk`` bytes each), then its notice.
 
         The notice is tracked too in JetStream mode (``tracked_notice``); in core
-        mode it is a plain ``HPUB`` (``bytes``).
+        mode it is a plain ``HPUB`` (``bytes``). It carries the frame's header
+        lines (trace context), if any.
         """
         frame_id = f"{self._msgid_prefix.decode()}{next(self._ids)}"
         subject = (LARGE_SUBJECT_PREFIX + frame_id).encode()
@@ -99,7 +127,7 @@ class Commands:
             head = self._hpub(subject, ident, hdr, len(part))
             pieces.append(Tracked(ident, [head, hdr, part, CRLF], len(hdr) + len(part), frame.name))
             count += 1
-        notice = notice_headers(frame_id, frame.size, count, stream)
+        notice = notice_headers(frame_id, frame.size, count, stream) + frame.lines
         name = frame.name.encode()
         if tracked_notice:
             ident = next(self._ids)

@@ -1,14 +1,13 @@
 """Connection plumbing of the NATS backend (not public API).
 
 :class:`LoopThread` runs one private asyncio event loop on a daemon thread; the
-synchronous backend hands coroutines to it with :meth:`LoopThread.run`.
-:class:`Connection` owns the nats-py client: the first connect, the client's
-callbacks (errors, disconnects, reconnects), the reconnect bookkeeping and the
-close; it tells the rest of the backend what happened through
-:class:`Listeners`. :func:`client_options` turns a
-:class:`~msight_core.config.NatsConfig` into ``connect()`` arguments (via
-:func:`~msight_core.config.nats_connect_options`) and :func:`translate` maps
-nats-py exceptions to the msight error tree.
+synchronous backend hands coroutines to it with :meth:`LoopThread.run` (the
+asyncio backend awaits them on its own loop: :func:`run_here`). :class:`Connection`
+owns the nats-py client: connect, callbacks (errors, disconnects, reconnects),
+reconnect bookkeeping, close; it tells the backend what happened through
+:class:`Listeners`. :func:`client_options` turns a ``NatsConfig`` into ``connect()``
+arguments (via ``config.nats_connect_options``); :func:`translate` maps nats-py
+exceptions to the msight error tree.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ __all__ = [
     "LoopThread",
     "client_options",
     "nats",
+    "run_here",
     "safe_servers",
     "translate",
 ]
@@ -121,6 +121,18 @@ class LoopThread:
             return
         if not self.in_loop:
             self._thread.join(timeout)
+
+
+async def run_here(coro: Coroutine[Any, Any, _T], timeout: float | None, what: str) -> _T:
+    """:meth:`LoopThread.run` for the running loop (the asyncio backend): awaits."""
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError:
+        raise BrokerUnavailableError(f"NATS did not answer ({what}) within {timeout:g}s") from None
+    except MsightError:
+        raise
+    except Exception as exc:
+        raise translate(exc, what) from exc
 
 
 def translate(exc: BaseException, what: str) -> MsightError:
@@ -233,6 +245,8 @@ class Connection:
         self._connect_failures = 0
         self._give_up: asyncio.Event | None = None
         self._closing = False
+        self._opening: asyncio.Lock | None = None  # open_here(): one connect at a time
+        self._made: Any = None  # the client of the connect under way
 
     def current(self) -> Any:
         """The nats-py client (``None`` before the first connect)."""
@@ -282,8 +296,39 @@ class Connection:
                 raise type(exc)(f"{exc} (servers: {self.where})") from None
         return True
 
+    async def open_here(self, listeners: Listeners) -> bool:
+        """:meth:`open` on the running loop, which the client then runs on (the
+        asyncio backend): no thread. Awaits; raises as :meth:`open`."""
+        if self.client is not None:
+            return False
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self.client is not None:
+                return False
+            self._listeners = listeners
+            budget = self.config.connect_timeout * (len(self.config.servers) + 1) + 2
+            try:
+                await run_here(self._connect(listeners), budget, f"connect to {self.where}")
+            except BaseException as exc:
+                made, self._made = self._made, None
+                if made is not None:  # nothing of a failed connect stays on the loop
+                    with contextlib.suppress(Exception):
+                        await made.close()
+                if not isinstance(exc, MsightError) or isinstance(exc, AuthenticationError):
+                    raise
+                raise type(exc)(f"{exc} (servers: {self.where})") from None
+        return True
+
+    async def close_here(self, timeout: float) -> None:
+        """:meth:`close` for a client on the running loop (see :meth:`open_here`)."""
+        self._closing = True
+        with contextlib.suppress(MsightError):
+            if self.client is not None:
+                await run_here(self.client.close(), timeout, "close")
+
     async def _connect(self, listeners: Listeners) -> None:
-        nc = nats.aio.client.Client()
+        nc = self._made = nats.aio.client.Client()
         listeners.created(nc)
         options = dict(self._options)
         lift_later = internals.can_lift_reconnect_limit(nc)
@@ -318,6 +363,7 @@ class Connection:
         known = internals.server_jetstream(nc)
         self.jetstream_available = await self._ask_jetstream(nc) if known is None else known
         self.client = nc
+        self._made = None
         listeners.connected(nc)
 
     @staticmethod

@@ -116,6 +116,13 @@ class LargeFrames:
             PayloadTooLargeError: no JetStream on the server, or the payload is
                 above half of the frame store.
         """
+        self.check(size, max_payload, jetstream)
+        if not self._ready:
+            run(self.ensure_stream(nc), self.timeout, "create the large-frame stream")
+
+    def check(self, size: int, max_payload: int, jetstream: bool) -> None:
+        """Raise :class:`PayloadTooLargeError` if a ``size``-byte payload cannot go
+        as a large frame (see :meth:`admit`)."""
         if not jetstream:
             raise PayloadTooLargeError(
                 f"payload of {size} bytes exceeds the NATS server's max_payload "
@@ -128,8 +135,6 @@ class LargeFrames:
                 f"payload of {size} bytes exceeds half of the large-frame store "
                 f"({self.max_bytes} bytes); raise MSIGHT_NATS_LARGE_FRAME_STORE_BYTES"
             )
-        if not self._ready:
-            run(self.ensure_stream(nc), self.timeout, "create the large-frame stream")
 
     async def ensure_stream(self, nc: Any) -> str:
         """Create (or adopt) the chunk stream; on the loop."""

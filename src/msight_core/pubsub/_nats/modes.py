@@ -25,6 +25,7 @@ from ...config import NatsConfig
 from ...errors import ClosedError, MsightError
 from ..base import Capabilities
 from . import internals
+from .conn import run_here
 from .streams import consumer_config, durable_name, ensure_topic_stream
 
 __all__ = ["CoreMode", "JetStreamMode"]
@@ -57,6 +58,13 @@ class CoreMode:
     def prepare(self, name: str) -> None:
         """Before publishing to or subscribing ``name``: nothing to set up."""
 
+    def ready(self, name: str) -> bool:
+        """Whether ``name`` needs no :meth:`aprepare` (always, in core NATS)."""
+        return True
+
+    async def aprepare(self, name: str) -> None:
+        """:meth:`prepare` on the running loop (the asyncio backend)."""
+
     async def subscribe(
         self, nc: Any, name: str, cb: Callable[[Any], Awaitable[None]]
     ) -> tuple[Any, tuple[int, int] | None]:
@@ -84,13 +92,17 @@ class CoreMode:
     def stop(self, drain: Drain | None) -> None:
         pass
 
+    async def astop(self, drain: Drain | None) -> None:
+        pass
+
 
 class JetStreamMode:
     """JetStream: durable, at-least-once, replay for returning groups.
 
     Args:
         config: the backend's configuration.
-        run: runs a coroutine on the backend's loop and waits for it.
+        run: runs a coroutine on the backend's loop and waits for it (``None``
+            for the asyncio backend, which awaits: ``aprepare``, ``astop``).
         client: returns the connected nats-py client.
         send: queues a protocol command behind the publisher's (acks, NAKs).
     """
@@ -102,7 +114,7 @@ class JetStreamMode:
     def __init__(
         self,
         config: NatsConfig,
-        run: Run,
+        run: Run | None,
         client: Callable[[], Any],
         send: Callable[[bytes], None],
     ) -> None:
@@ -119,21 +131,30 @@ class JetStreamMode:
 
     def prepare(self, name: str) -> None:
         """Before publishing to or subscribing ``name``: its stream exists (blocks)."""
-        if name in self._streams:
-            return
+        if name not in self._streams:
+            assert self._run is not None, "the asyncio backend uses aprepare()"
+            self._streams[name] = self._run(*self._ensure(name))
+
+    def ready(self, name: str) -> bool:
+        """Whether the stream of ``name`` is known to exist."""
+        return name in self._streams
+
+    async def aprepare(self, name: str) -> None:
+        """:meth:`prepare` on the running loop (the asyncio backend)."""
+        if name not in self._streams:
+            self._streams[name] = await run_here(*self._ensure(name))
+
+    def _ensure(self, name: str) -> tuple[Coroutine[Any, Any, str], float, str]:
         cfg = self._config
-        self._streams[name] = self._run(
-            ensure_topic_stream(
-                self._client(),
-                name,
-                cfg.stream_max_age,
-                cfg.stream_max_bytes,
-                cfg.publish.timeout,
-                cfg.stream_replicas,
-            ),
+        coro = ensure_topic_stream(
+            self._client(),
+            name,
+            cfg.stream_max_age,
+            cfg.stream_max_bytes,
             cfg.publish.timeout,
-            f"create the stream for {name!r}",
+            cfg.stream_replicas,
         )
+        return coro, cfg.publish.timeout, f"create the stream for {name!r}"
 
     async def subscribe(
         self, nc: Any, name: str, cb: Callable[[Any], Awaitable[None]]
@@ -198,10 +219,25 @@ class JetStreamMode:
             # stops pushing to an inbox about to vanish, where messages would wait
             # ack_wait for redelivery) and what it had already sent reaches the
             # callback, to be returned to the group below.
+            assert self._run is not None, "the asyncio backend uses astop()"
             try:
                 self._run(drain(), self._config.publish.timeout, "stop deliveries")
             except MsightError:
                 logger.debug("stopping JetStream deliveries failed", exc_info=True)
+        self._return_unprocessed(nc)
+
+    async def astop(self, drain: Drain | None) -> None:
+        """:meth:`stop` on the running loop (the asyncio backend)."""
+        self.ack_flush()
+        nc = self._client()
+        if nc is not None and drain is not None and nc.is_connected:
+            try:
+                await run_here(drain(), self._config.publish.timeout, "stop deliveries")
+            except MsightError:
+                logger.debug("stopping JetStream deliveries failed", exc_info=True)
+        self._return_unprocessed(nc)
+
+    def _return_unprocessed(self, nc: Any) -> None:
         if nc is not None and self._outstanding:
             tokens = list(self._outstanding)
             self._outstanding.clear()

@@ -8,7 +8,7 @@ callback: about 13 µs of CPU per 1 KB message here, which caps a subscriber nea
 (installed before connecting by :func:`.internals.install_parser`) and walks
 the buffer by offset. For a subscription registered with
 :meth:`FastParser.route`, a message goes straight to that route's
-``deliver(subject, payload, reply)`` function, skipping the ``Msg`` object, the
+``deliver(subject, payload, reply, headers)`` function, skipping the ``Msg`` object, the
 queue and the task. Headers are dropped on that path, so it takes only
 messages without headers or with headers the receiver ignores (see
 :meth:`Route.plain_headers`).
@@ -142,13 +142,14 @@ class FastParser:
     def route(
         self,
         sid: int,
-        deliver: Callable[[str, bytes, bytes], None],
+        deliver: Callable[[str, bytes, bytes, bytes | None], None],
         marker: bytes | None = None,
     ) -> Route:
         """Send the plain messages of subscription ``sid`` to ``deliver``.
 
-        Messages with headers go there too, without the headers, unless a header
-        block has a status line or contains ``marker``.
+        Messages with headers go there too, unless a header block has a status
+        line or contains ``marker``; the block is passed on only if the route
+        keeps it (:meth:`Route.kept`: trace context), else ``None``.
 
         Call it right after subscribing, before any message of the subscription
         took the client's path: routing the next ones directly could overtake it.
@@ -329,6 +330,7 @@ class FastParser:
                         and not route.busy
                         and (not hdr_size or route.plain_headers(buf, pos, pos + hdr_size))
                     ):
+                        kept = route.kept(buf, pos, pos + hdr_size) if hdr_size else None
                         payload = copy_out(buf, pos + hdr_size, stop)
                         pos = stop + 2
                         stats["in_msgs"] += 1
@@ -339,7 +341,7 @@ class FastParser:
                                 if len(route.subjects) >= SUBJECT_CACHE:
                                     route.subjects.clear()
                                 name = route.subjects[subject] = subject.decode()
-                            route.deliver(name, payload, reply)
+                            route.deliver(name, payload, reply, kept)
                         except Exception as exc:  # noqa: BLE001 - this message only
                             self._drop("cannot deliver it", exc)
                         continue
@@ -432,7 +434,8 @@ class FastParser:
             stats["in_msgs"] += 1
             stats["in_bytes"] += size
             try:
-                route.deliver(subject.decode(), payload, reply)
+                kept = route.kept(frame, 0, hdr_size) if hdr_size else None
+                route.deliver(subject.decode(), payload, reply, kept)
             except Exception as exc:  # noqa: BLE001 - this message only
                 self._drop("cannot deliver it", exc)
             return True

@@ -31,8 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config import PublishConfig
-from ...errors import BackpressureError, ClosedError, MsightError, PublishError
-from .commands import CRLF, Commands, Frame, Tracked
+from ...errors import BackpressureError, ClosedError, MsightError
+from .acks import Receipts
+from .commands import CRLF, Commands, Frame, Tracked, hpub_head
 from .emit import emit
 from .frames import LargeFrames
 from .internals import Wire
@@ -43,12 +44,9 @@ logger = logging.getLogger("msight_core.pubsub.nats")
 
 _EMIT_BYTES = 8 * 1024 * 1024  # a batch of tracked messages is handed over in such steps
 _DIRECT_BYTES = 128 * 1024  # payloads from this size are handed over without a copy
-_ACK_CHECK_INTERVAL = 1.0
-_CONFIRM_INTERVAL = 0.05  # core NATS: PING this often while messages flow
-_RETRY_DELAY = 0.25  # JetStream briefly unavailable (503): send again after this
 
 
-class Publisher:
+class Publisher(Receipts):
     """Outgoing buffer, writer coroutine and JetStream ack tracking.
 
     Args:
@@ -77,7 +75,8 @@ class Publisher:
         self._nc: Any = None
         self._wire: Wire | None = None
         self.resend_after = max(2.0, min(self.timeout / 2, 5.0))
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # publish() takes the bare lock: faster
         self._buf: list[Any] = []
         self._buf_plain = True  # the buffer holds only protocol bytes (no frames, no acks to track)
         self._buf_bytes = 0
@@ -88,6 +87,9 @@ class Publisher:
         self._room_waiters = 0
         self._idle = True  # the writer is waiting for a wake-up
         self._wake: asyncio.Event | None = None
+        self._loop_thread = 0  # the writer's loop's thread
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed: asyncio.Event | None = None  # set on the loop when room was made
         self._closing = False
         self._error: MsightError | None = None
         self._sent: dict[int, Tracked] = {}
@@ -106,26 +108,37 @@ class Publisher:
 
     # -- caller side (any thread) -------------------------------------------------
 
-    def publish(self, name: str, data: bytes, max_payload: int) -> None:
+    def publish(
+        self, name: str, data: bytes, max_payload: int, lines: bytes = b"", wait: bool = True
+    ) -> bool:
+        """Queue ``data`` for ``name`` (``lines``: header lines, trace context).
+
+        Waits for room up to the timeout, or with ``wait=False`` returns ``False``
+        at once (nothing queued) where it would wait: the loop's caller waits
+        with :meth:`settle` instead.
+        """
         size = len(data)
         if self.jetstream:
-            item: Any = self._commands.tracked(name, data, size)
+            item: Any = self._commands.tracked(name, data, size, lines)
             if item.size > max_payload:  # the header counts against max_payload
-                item = Frame(name, data)
-            self._put(item, size)
-            return
-        if size > max_payload:
-            self._put(Frame(name, data), size)
-            return
-        prefix = self._prefixes.get(name)
-        if prefix is None:
-            prefix = self._prefixes[name] = b"PUB " + name.encode() + b" "
-        head = b"%s%d\r\n" % (prefix, size)
-        with self._cond:
+                item = Frame(name, data, lines)
+            return self._put(item, size, wait)
+        if size + len(lines) + 16 > max_payload if lines else size > max_payload:
+            return self._put(Frame(name, data, lines), size, wait)
+        if lines:  # an HPUB: the header block goes with the head
+            head = hpub_head(name, size, lines)
+        else:
+            prefix = self._prefixes.get(name)
+            if prefix is None:
+                prefix = self._prefixes[name] = b"PUB " + name.encode() + b" "
+            head = b"%s%d\r\n" % (prefix, size)
+        with self._lock:
             if self._error is not None:
                 self._raise_error()
             held = self._buf_bytes + self._sent_bytes
             if held and held + size > self.buffer_bytes:
+                if not wait:
+                    return False
                 self._wait_for_room(size)
             if size < _DIRECT_BYTES:
                 self._buf += (head, data, CRLF)
@@ -135,6 +148,7 @@ class Publisher:
             self._buf_bytes += size
             if self._idle:
                 self._kick()
+        return True
 
     def send_raw(self, command: bytes) -> None:
         """Queue a protocol command (an ack) behind what is already queued."""
@@ -145,12 +159,14 @@ class Publisher:
             if self._idle:
                 self._kick()
 
-    def _put(self, item: Any, size: int) -> None:
+    def _put(self, item: Any, size: int, wait: bool) -> bool:
         with self._cond:
             if self._error is not None:
                 self._raise_error()
             held = self._buf_bytes + self._sent_bytes
             if held and held + size > self.buffer_bytes:
+                if not wait:
+                    return False
                 self._wait_for_room(size)
             self._buf_plain = False
             self._buf.append(item)
@@ -158,6 +174,7 @@ class Publisher:
             self._buf_bytes += size
             if self._idle:
                 self._kick()
+        return True
 
     def _kick(self) -> None:
         # Called with the lock held, only when the writer is idle: one loop wake-up
@@ -166,6 +183,9 @@ class Publisher:
         if wake is None:
             return  # not connected yet: the writer starts with a full buffer
         self._idle = False
+        if threading.get_ident() == self._loop_thread:
+            wake.set()  # on the writer's loop (the asyncio backend): no self-pipe write
+            return
         try:
             self._loop.call_soon_threadsafe(wake.set)  # type: ignore[union-attr]
         except RuntimeError:  # loop closed under us (close() racing publish())
@@ -228,13 +248,15 @@ class Publisher:
         """Called on the loop once ``nc`` is connected: create the writer."""
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._nc = nc
         self._wire = Wire(nc, self.timeout)
         self._wake = asyncio.Event()
-        loop.create_task(self._run(), name="msight-nats-writer")
-        loop.create_task(self._check_acks(), name="msight-nats-acks")
+        tasks = [loop.create_task(self._run(), name="msight-nats-writer")]
+        tasks.append(loop.create_task(self._check_acks(), name="msight-nats-acks"))
         if not self.jetstream:
-            loop.create_task(self._confirm(), name="msight-nats-confirm")
+            tasks.append(loop.create_task(self._confirm(), name="msight-nats-confirm"))
+        self._tasks = tasks
         with self._cond:
             self._idle = False
             self._wake.set()
@@ -242,7 +264,62 @@ class Publisher:
     def begin_close(self) -> None:
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
+            self._signal()
+
+    def stop(self) -> None:
+        """On the loop, after the client closed: end the writer's tasks (a loop that
+        goes on, the asyncio backend's, would keep them)."""
+        for task in self._tasks:
+            task.cancel()
+
+    # -- waiting on the loop (the asyncio backend) --------------------------------
+
+    def _signal(self) -> None:
+        # Lock held, on the loop: room was made, or the writer went idle.
+        self._cond.notify_all()
+        changed = self._changed
+        if changed is not None:
+            changed.set()
+
+    def _has_room(self, size: int) -> bool:
+        held = self._buf_bytes + self._sent_bytes
+        return not held or held + size <= self.buffer_bytes or self._closing
+
+    def _is_drained(self) -> bool:
+        return (not self._buf and self._idle and not self._sent) or self._error is not None
+
+    async def settle(self, size: int | None, timeout: float) -> None:
+        """On the writer's loop: wait until ``size`` more bytes fit (``None``: until
+        everything is sent and acknowledged), without blocking the loop.
+
+        Raises:
+            BackpressureError: not so within ``timeout`` seconds.
+            PublishError: an accepted message was refused by the broker.
+        """
+        ready = self._is_drained if size is None else lambda: self._has_room(size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                what = "flush" if size is None else "NATS publish buffer full:"
+                raise BackpressureError(
+                    f"{what} {self._buf_msgs} message(s) not yet sent and {len(self._sent)} "
+                    f"not yet acknowledged by NATS at {self._where} after {timeout:g}s; "
+                    f"{self._state()}"
+                )
+            changed = self._changed
+            if changed is None:
+                changed = self._changed = asyncio.Event()
+            changed.clear()
+            try:  # a bounded wait: the next look comes at the latest 0.1 s later
+                await asyncio.wait_for(changed.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
+        if size is None and self._error is not None:
+            with self._cond:
+                if self._error is not None:
+                    self._raise_error()
 
     # -- loop side ----------------------------------------------------------------
 
@@ -252,46 +329,6 @@ class Publisher:
             with self._cond:
                 self._idle = False
             self._wake.set()
-
-    def requeue_unacked(self, older_than: float | None = None) -> int:
-        """On the loop: put sent-but-unacknowledged messages back at the front."""
-        now = time.monotonic()
-        with self._cond:
-            late = [
-                t for t in self._sent.values() if older_than is None or now - t.sent_at > older_than
-            ]
-            self._requeue(late)
-            self.resent += len(late)
-        if late:
-            self.wake()
-        return len(late)
-
-    def _requeue(self, items: list[Tracked]) -> None:
-        # Called with the lock held: ``items`` leave ``_sent`` for the buffer's front.
-        if not items:
-            return
-        items.sort(key=lambda t: t.id)
-        for item in items:
-            del self._sent[item.id]
-            self._sent_bytes -= item.size
-        self._buf[:0] = items
-        self._buf_plain = False
-        self._buf_msgs += len(items)
-        self._buf_bytes += sum(t.size for t in items)
-
-    def _retry_later(self, item: Tracked) -> None:
-        """On the loop, lock held: send ``item`` again shortly (it stays unacked)."""
-        item.sent_at = time.monotonic()  # not "late" for requeue_unacked meanwhile
-        self.retried += 1
-        if not self._retry_ids:
-            self._loop.call_later(_RETRY_DELAY, self._retry_due)  # type: ignore[union-attr]
-        self._retry_ids.append(item.id)
-
-    def _retry_due(self) -> None:
-        with self._cond:
-            ids, self._retry_ids = self._retry_ids, []
-            self._requeue([self._sent[i] for i in dict.fromkeys(ids) if i in self._sent])
-        self.wake()
 
     async def _run(self) -> None:
         assert self._wake is not None and self._wire is not None
@@ -307,11 +344,11 @@ class Publisher:
                     batch, count, plain = self._buf, self._buf_msgs, self._buf_plain
                     if not batch:
                         self._idle = True
-                        self._cond.notify_all()
+                        self._signal()
                         break
                     self._buf, self._buf_msgs, self._buf_bytes = [], 0, 0
                     self._buf_plain = True
-                    self._cond.notify_all()
+                    self._signal()
                 try:
                     if plain:  # only ready-made protocol bytes: hand them over as they are
                         await emit(wire, batch)
@@ -377,115 +414,3 @@ class Publisher:
         )
         self.frames += 1
         return pieces
-
-    async def _subscribe_acks(self, nc: Any) -> None:
-        self._ack_sub = await nc.subscribe(
-            self._commands.ack_prefix + "*",
-            cb=self._on_ack,
-            pending_msgs_limit=1_000_000,
-            pending_bytes_limit=256 * 1024 * 1024,
-        )
-
-    async def _on_ack(self, msg: Any) -> None:
-        ident = self._commands.ack_id(msg.subject)
-        if ident is None:
-            return
-        data = msg.data
-        headers = msg.headers
-        # 503: no stream answered (a replicated stream electing a leader, a server
-        # still recovering its streams, or no stream at all). Sent again until the
-        # publish timeout has passed since the first send; then it is an error.
-        unavailable = (headers is not None and headers.get("Status") == "503") or (
-            b'"code":503' in data
-        )
-        failed = unavailable or b'"error"' in data
-        with self._cond:
-            item = self._sent.get(ident)
-            if item is None:
-                return  # a duplicate ack after a resend
-            if unavailable and time.monotonic() - item.first_sent < self.timeout:
-                self._retry_later(item)
-                return
-            del self._sent[ident]
-            self._sent_bytes -= item.size
-            if self._room_waiters:
-                self._cond.notify_all()
-            if not failed:
-                self.acked += 1
-            else:
-                self.failed += 1
-                why = "no stream answered" if not data else data.decode(errors="replace")[:200]
-                if unavailable:
-                    why += f" for {self.timeout:g}s"
-                self._error = PublishError(
-                    f"NATS JetStream did not store a message for {item.what!r}: {why}"
-                )
-            if not self._sent:
-                self._cond.notify_all()
-        if failed:
-            logger.error(
-                "NATS JetStream refused a message on %r (%d refused so far)", item.what, self.failed
-            )
-
-    async def _confirm(self) -> None:
-        """Core NATS: a PING after new traffic, so a disconnect knows what is at risk.
-
-        The server handles one connection's commands in order: once the PONG is
-        back, every message handed over before the PING reached the server.
-        """
-        while True:
-            await asyncio.sleep(_CONFIRM_INTERVAL)
-            nc = self._nc
-            handed = self.published
-            if nc is None or not nc.is_connected or handed <= self.confirmed:
-                continue
-            try:
-                await nc.flush(max(self.timeout, 1.0))
-            except Exception as exc:  # noqa: BLE001 - a disconnect is counted by lost_connection()
-                logger.debug("confirming PING failed: %s", type(exc).__name__)
-                continue
-            self.confirmed = max(self.confirmed, handed)
-
-    def lost_connection(self) -> int:
-        """On the loop, at a disconnect: count messages the server may not have got.
-
-        Core NATS only; in JetStream mode what is not acknowledged is resent.
-        """
-        if self.jetstream:
-            return 0
-        at_risk = max(self.published - self.confirmed, 0)
-        self.confirmed = self.published
-        self.possibly_lost += at_risk
-        return at_risk
-
-    def reconnected(self) -> int:
-        """On the loop, at a reconnect: resend what awaits an ack, send the buffer.
-
-        Returns:
-            Core NATS: the buffered messages sent now. Subscribers on other
-            connections may not have resubscribed yet, so these are at risk too
-            (core NATS keeps nothing for absent subscribers).
-        """
-        self._large.reset()  # the server may have lost the (in-memory) chunk stream
-        backlog = 0
-        if not self.jetstream:
-            with self._cond:
-                backlog = self._buf_msgs
-            self.possibly_lost += backlog
-        self.requeue_unacked()
-        self.wake()
-        return backlog
-
-    async def _check_acks(self) -> None:
-        while True:
-            await asyncio.sleep(_ACK_CHECK_INTERVAL)
-            nc = self._nc
-            if nc is None or not nc.is_connected or not self._sent:
-                continue
-            count = self.requeue_unacked(self.resend_after)
-            if count:
-                logger.warning(
-                    "no JetStream ack after %.1fs: resending %d message(s)",
-                    self.resend_after,
-                    count,
-                )

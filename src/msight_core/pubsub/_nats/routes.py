@@ -11,10 +11,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-__all__ = ["PLAIN_STATUS", "SUBJECT_CACHE", "Hooks", "Route", "copy_out"]
+__all__ = [
+    "KEPT_HEADER",
+    "MAX_KEPT",
+    "PLAIN_STATUS",
+    "SUBJECT_CACHE",
+    "Hooks",
+    "Route",
+    "copy_out",
+    "header_values",
+]
 
 SUBJECT_CACHE = 4096  # distinct subjects remembered as str per route
 PLAIN_STATUS = b"NATS/1.0\r\n"  # a header block without a status code
+KEPT_HEADER = b"traceparent"  # a routed message's header block is kept if it has this
+MAX_KEPT = 4096  # ... and is at most this long (a peer's headers are untrusted)
 VIEW_COPY = 16 * 1024  # from this size, copy through a memoryview (one copy, not two)
 
 
@@ -50,7 +61,9 @@ class Route:
 
     __slots__ = ("busy", "deliver", "marker", "subjects")
 
-    def __init__(self, deliver: Callable[[str, bytes, bytes], None], marker: bytes | None) -> None:
+    def __init__(
+        self, deliver: Callable[[str, bytes, bytes, bytes | None], None], marker: bytes | None
+    ) -> None:
         self.deliver = deliver
         self.marker = marker
         self.busy = 0  # messages handed to the client's path and not yet handled
@@ -63,7 +76,32 @@ class Route:
             return False
         return self.marker is None or buf.find(self.marker, start, stop) < 0
 
+    def kept(self, buf: bytearray, start: int, stop: int) -> bytes | None:
+        """The header block ``buf[start:stop]`` if the receiver wants it (it carries
+        trace context and is not oversized), else ``None``."""
+        if stop - start > MAX_KEPT or buf.find(KEPT_HEADER, start, stop) < 0:
+            return None
+        return bytes(buf[start:stop])
+
     def done(self) -> None:
         """The callback handled one message that took the client's path."""
         if self.busy > 0:
             self.busy -= 1
+
+
+def header_values(block: bytes, names: tuple[str, ...]) -> dict[str, str] | None:
+    """``{name: value}`` of the ``names`` found in a NATS header block
+    (``NATS/1.0\\r\\nName: value\\r\\n...``), the first of each; ``None`` if none.
+
+    The block comes from a peer: at most :data:`MAX_KEPT` bytes are read, lines
+    that are not ``Name: value`` are skipped, values are decoded leniently.
+    """
+    out: dict[str, str] = {}
+    for line in block[:MAX_KEPT].split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = name.strip().decode("ascii", "replace")
+        if key in names and key not in out:
+            out[key] = value.strip().decode("ascii", "replace")
+    return out or None

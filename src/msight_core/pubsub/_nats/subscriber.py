@@ -32,12 +32,21 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from ...tracing import TRACE_HEADERS
 from .._core import Delivery
 from . import internals
 from .frames import FRAME_HEADER, FRAME_MARKER, LargeFrames
 from .parser import FastParser
+from .routes import header_values
 
-__all__ = ["HANDOFF_BYTES", "HANDOFF_MESSAGES", "HandOff", "SubscribeMode", "Subscriber"]
+__all__ = [
+    "HANDOFF_BYTES",
+    "HANDOFF_MESSAGES",
+    "HandOff",
+    "LoopHandOff",
+    "SubscribeMode",
+    "Subscriber",
+]
 
 logger = logging.getLogger("msight_core.pubsub.nats")
 
@@ -155,6 +164,36 @@ class HandOff:
                 self._set_open()
 
 
+class LoopHandOff:
+    """:class:`HandOff` without a thread, for a receive queue read on the same loop.
+
+    :meth:`put` moves what fits into the queue (``offer``: never waits, never
+    drops) and keeps the rest; :meth:`room` waits, polling every millisecond
+    while the queue is full (the consumer takes on this loop, without telling
+    us), until everything kept is queued.
+    """
+
+    POLL = 0.001
+
+    def __init__(self, offer: Callable[[deque[Delivery]], None]) -> None:
+        self._offer = offer
+        self._kept: deque[Delivery] = deque()
+
+    def put(self, batch: list[Delivery]) -> None:
+        kept = self._kept
+        kept.extend(batch)
+        self._offer(kept)
+
+    async def room(self) -> None:
+        kept = self._kept
+        while kept:
+            await asyncio.sleep(self.POLL)
+            self._offer(kept)  # empties ``kept`` once the queue is closed
+
+    def close(self) -> None:
+        self._kept.clear()
+
+
 class Subscriber:
     """Subscriptions of one backend and the feed of its receive queue.
 
@@ -165,6 +204,9 @@ class Subscriber:
         timeout: seconds to wait for the server to confirm a subscription.
         blocking: ``deliver`` may wait for room (``MSIGHT_QUEUE_OVERFLOW=block``):
             it is called from a :class:`HandOff` thread, never on the loop.
+        offer: with ``blocking``, the queue's ``offer`` when the queue is read on
+            this loop (the asyncio backend): a :class:`LoopHandOff` then waits
+            for room on the loop, without a thread.
     """
 
     def __init__(
@@ -174,13 +216,15 @@ class Subscriber:
         deliver: Callable[[list[Delivery]], Any],
         timeout: float,
         blocking: bool = False,
+        offer: Callable[[deque[Delivery]], None] | None = None,
     ) -> None:
         self._mode = mode
+        self._offer = offer
         self._large = large
         self._queue_put = deliver
         self._put_many = deliver
         self._blocking = blocking
-        self._handoff: HandOff | None = None
+        self._handoff: HandOff | LoopHandOff | None = None
         self._timeout = timeout
         self._nc: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,7 +246,12 @@ class Subscriber:
         self._loop = asyncio.get_running_loop()
         parser = self._parser = internals.install_parser(nc, FastParser)
         if self._blocking and self._handoff is None:
-            handoff = self._handoff = HandOff(self._queue_put)
+            handoff: HandOff | LoopHandOff
+            if self._offer is not None:
+                handoff = LoopHandOff(self._offer)
+            else:
+                handoff = HandOff(self._queue_put)
+            self._handoff = handoff
             self._put_many = handoff.put
             if parser is not None:
                 parser.throttle = self._room
@@ -255,13 +304,18 @@ class Subscriber:
         if route is not None:
             route.done()
 
-    def _deliver(self, subject: str, data: bytes, reply: bytes) -> None:
-        """A routed plain message, straight from the parser."""
-        self._collect(Delivery(subject, data, None))
+    def _deliver(self, subject: str, data: bytes, reply: bytes, headers: bytes | None) -> None:
+        """A routed plain message, straight from the parser (``headers``: its header
+        block if it carries trace context)."""
+        trace = header_values(headers, TRACE_HEADERS) if headers else None
+        self._collect(Delivery(subject, data, None, trace))
 
-    def _deliver_acked(self, subject: str, data: bytes, reply: bytes) -> None:
+    def _deliver_acked(
+        self, subject: str, data: bytes, reply: bytes, headers: bytes | None
+    ) -> None:
         """A routed delivery to acknowledge; ``reply`` is its ack subject."""
-        self._collect(Delivery(subject, data, self._mode.token(reply.decode())))
+        trace = header_values(headers, TRACE_HEADERS) if headers else None
+        self._collect(Delivery(subject, data, self._mode.token(reply.decode()), trace))
 
     def _collect(self, delivery: Delivery) -> None:
         # Collect what arrives in this loop iteration and queue it in one go: one
@@ -296,6 +350,6 @@ class Subscriber:
             if data is None:
                 mode.lost_frame(msg.reply)
                 return
-            self._put_many([Delivery(msg.subject, data, mode.token(msg.reply))])
+            self._put_many([Delivery(msg.subject, data, mode.token(msg.reply), headers)])
             return
-        self._collect(Delivery(msg.subject, msg.data, mode.token(msg.reply)))
+        self._collect(Delivery(msg.subject, msg.data, mode.token(msg.reply), headers))
