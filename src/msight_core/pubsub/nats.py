@@ -110,7 +110,10 @@ class NATSPubSub(QueueBackend):
         conn = self._conn = Connection(config, client_options(config))  # ConfigError early
         self.servers_shown = conn.where
         large = self._large = LargeFrames(
-            config.large_frame_ttl, config.large_frame_store_bytes, config.publish.timeout
+            config.large_frame_ttl,
+            config.large_frame_store_bytes,
+            config.publish.timeout,
+            core=not config.jetstream,
         )
         publisher = self._publisher = Publisher(
             config.jetstream, config.publish, large, conn.where, conn.describe

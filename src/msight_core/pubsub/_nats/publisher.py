@@ -33,7 +33,7 @@ from typing import Any
 from ...config import PublishConfig
 from ...errors import BackpressureError, ClosedError, MsightError, PublishError
 from .commands import CRLF, Commands, Frame, Tracked
-from .emit import emit
+from .emit import emit, frame_bytes
 from .frames import LargeFrames
 from .internals import Wire
 
@@ -136,8 +136,8 @@ class Publisher:
             if self._idle:
                 self._kick()
 
-    def send_raw(self, command: bytes) -> None:
-        """Queue a protocol command (an ack) behind what is already queued."""
+    def send_raw(self, command: Any) -> None:
+        """Queue a protocol command (an ack; a tuple: one message in pieces)."""
         with self._cond:
             if self._closing:
                 raise ClosedError("NATS publisher is closed")
@@ -342,9 +342,9 @@ class Publisher:
             else:
                 pieces = [item]
             for piece in pieces:
-                if type(piece) is bytes:
+                if type(piece) is bytes or type(piece) is tuple:  # tuple: a core frame
                     out.append(piece)
-                    size += len(piece)
+                    size += len(piece) if type(piece) is bytes else frame_bytes(piece)
                     continue
                 if self._ack_sub is None:
                     await self._subscribe_acks(nc)
@@ -369,8 +369,11 @@ class Publisher:
             await emit(wire, out)
 
     async def _expand_frame(self, nc: Any, frame: Frame) -> list[Any]:
-        """Chunks into the large-frame stream, then the notice on the topic."""
+        """Chunks (on a side subject, or into the large-frame stream), then the notice."""
         large = self._large
+        if not self.jetstream:  # core NATS: one piece for the writer (chunks.py)
+            self.frames += 1
+            return [await large.core_frame(nc, frame.name, frame.data, self.send_raw)]
         stream = await large.ensure_stream(nc)
         pieces = self._commands.frame(
             frame, stream, large.chunk_size(nc.max_payload), tracked_notice=self.jetstream
