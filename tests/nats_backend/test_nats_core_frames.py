@@ -418,3 +418,56 @@ def test_frame_requests_are_checked_and_bounded(
     pub.flush(30)
     assert [len(m.data) for m in collect(sub, 1, 30)] == [MiB + 9]
     assert [m.data for m in collect(sub, 1, 30)] == [payload]
+
+
+# -- permissions -------------------------------------------------------------------------
+
+PERMISSIONS = """
+accounts {
+  SITE {
+    jetstream: enabled
+    users = [
+      { user: camera1, password: "cam-secret",
+        permissions: { publish: ["camera1.>", "$JS.API.>", "_msight.large.>",
+                                 "_msight.chunks.camera1.>", "_INBOX.>"],
+                       subscribe: ["_INBOX.>", "_msight.frames.>"] } }
+      { user: detector, password: "det-secret",
+        permissions: { publish: ["camera1.detections", "$JS.API.>", "$JS.ACK.>",
+                                 "_msight.frames.>"],
+                       subscribe: ["camera1.>", "_INBOX.>", "_msight.chunks.camera1.>"] } }
+    ]
+  }
+}
+"""
+
+
+def test_the_security_guides_permissions_carry_large_frames(tmp_path: Any) -> None:
+    """The NATS permissions of docs/guides/security.md, in core mode: a broadcast
+    subscriber and a queue group get large frames."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(PERMISSIONS)
+    with NatsServer(jetstream=False, extra_args=["-c", str(conf)]) as server:
+        url = server.url
+
+        def env(user: str, password: str) -> dict[str, str]:
+            return {
+                "MSIGHT_NATS_SERVERS": f"['{url}']",
+                "MSIGHT_NATS_USERNAME": user,
+                "MSIGHT_NATS_PASSWORD": password,
+            }
+
+        sub = NATSPubSub(get_nats_config(env=env("detector", "det-secret")))
+        members = [NATSPubSub(get_nats_config("g", env=env("detector", "det-secret")))]
+        pub = NATSPubSub(get_nats_config(env=env("camera1", "cam-secret")))
+        try:
+            for backend in (sub, *members):
+                backend.subscribe("camera1.frames")
+            frames = [frame(2 * MiB, 1), b"small", frame(3 * MiB, 2)]
+            for payload in frames:
+                pub.publish("camera1.frames", payload)
+            pub.flush(30)
+            assert [m.data for m in collect(sub, 3, 30)] == frames
+            assert [m.data for m in collect(members[0], 3, 30)] == frames
+        finally:
+            for backend in (pub, sub, *members):
+                backend.close()

@@ -7,14 +7,14 @@ whatever has accumulated to the connection in one piece, in order, through
 loop is woken only when the writer was idle.
 
 Messages that need an acknowledgement from JetStream (JetStream-mode publishes
-and the chunks of large frames) carry a reply subject under a private inbox and a
+and their large frames' chunks) carry a reply subject under a private inbox and a
 ``Nats-Msg-Id``; they stay in ``_sent`` until the stream acknowledges them, and
 are sent again after a reconnect or when the ack is late. Their bytes count
 against ``buffer_bytes`` with the unsent ones: ``publish()`` waits for room, then
 raises ``BackpressureError``, while acknowledgements are outstanding. The stream drops the
 duplicates by message id, so a resend never stores a message twice. Payloads
-above ``max_payload`` are cut into chunks of the large-frame stream
-(:mod:`.frames`) by the writer.
+above ``max_payload`` are cut into chunks by the writer: sent over core NATS
+(:mod:`.chunks`), or stored in the large-frame stream in JetStream mode.
 
 Core NATS has no receipts: the writer sends a PING after new traffic, so a
 disconnect can tell how many messages were handed over since the last PONG

@@ -5,7 +5,9 @@ on the client before it connects) straight into the backend's receive queue, a
 batch per loop iteration; JetStream deliveries take the same route with their
 ack subject. Messages whose headers matter (large-frame notices, JetStream
 status messages) take nats-py's subscription callback, where a notice is
-resolved into its frame (:class:`.frames.LargeFrames`). Without the parser
+resolved into its frame (:class:`.frames.LargeFrames`); in core mode without a
+group each topic's chunk subject is subscribed too, its chunks routed straight
+to the assembler (:mod:`.chunks`). Without the parser
 (nats-py's internals differ, or the public path is forced) every message takes
 the callback.
 
