@@ -5,6 +5,8 @@ Frames above a default server's ``max_payload`` (1 MB): 2 MB frames paced at
 subscriber processes, through:
 
 * ``msight``       ``NATSPubSub`` on a default nats-server (its large-frame path)
+* ``msight-group`` the same, the subscribers in one queue group (each frame to
+  one member, which asks the publisher for it)
 * ``raw-chunked``  raw nats-py on the same server: each frame cut into 1 MB
   messages by hand and joined into ``bytes`` by the subscriber (what an
   application does on a default server without msight)
@@ -43,7 +45,7 @@ HEAD = struct.Struct("<qB")  # sequence number, kind
 PART = struct.Struct("<qII")  # raw-chunked: sequence number, index, count
 LEN = struct.Struct("<Q")
 DATA, WARM, END = 0, 1, 2
-TRANSPORTS = ("msight", "raw-chunked", "raw-big", "socket")
+TRANSPORTS = ("msight", "msight-group", "raw-chunked", "raw-big", "socket")
 CASES = {"2M-paced": (2 * 1024 * 1024, "paced"), "4M-flat": (4 * 1024 * 1024, "flat")}
 RATE = 30.0
 PACED_FRAMES = 150
@@ -65,7 +67,8 @@ def _receive_msight(case: dict[str, Any], ready: Any) -> tuple[array, array]:
     from msight_core.pubsub.utils import get_nats_config
 
     seqs, times = array("q"), array("q")
-    client = NATSPubSub(get_nats_config(env=case["env"]))
+    group = "bench" if case["transport"] == "msight-group" else None
+    client = NATSPubSub(get_nats_config(group, env=case["env"]))
     try:
         client.subscribe(case["topic"])
         ready()
@@ -174,7 +177,12 @@ def worker(conn: Any) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    receivers = {"msight": _receive_msight, "raw-chunked": _receive_raw, "raw-big": _receive_raw}
+    receivers = {
+        "msight": _receive_msight,
+        "msight-group": _receive_msight,
+        "raw-chunked": _receive_raw,
+        "raw-big": _receive_raw,
+    }
     while True:
         case = conn.recv()
         if case is None:
@@ -220,7 +228,7 @@ class Publisher:
         if transport == "socket":
             self.server = socket.create_server(("127.0.0.1", 0))
             case["port"] = self.server.getsockname()[1]
-        elif transport == "msight":
+        elif transport.startswith("msight"):
             from msight_core.pubsub import NATSPubSub
             from msight_core.pubsub.utils import get_nats_config
 
@@ -330,7 +338,7 @@ def run_case(
             if not conn.poll(120):
                 raise RuntimeError("a subscriber did not report")
             results.append(conn.recv())
-        out.update(_summarize(sent, results, size))
+        out.update(_summarize(sent, results, size, grouped=transport == "msight-group"))
     except Exception as exc:  # noqa: BLE001 - one failed case must not end the run
         out["note"] = f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:100]}"
     finally:
@@ -338,11 +346,15 @@ def run_case(
     return out
 
 
-def _summarize(sent: array, results: list[dict[str, Any]], size: int) -> dict[str, Any]:
+def _summarize(
+    sent: array, results: list[dict[str, Any]], size: int, grouped: bool = False
+) -> dict[str, Any]:
+    """Latency over every subscriber; ``lost``: what the worst subscriber missed
+    (``grouped``: what no member got); MB/s per subscriber (``grouped``: all)."""
     import numpy as np
 
     sent_ns = np.frombuffer(sent.tobytes(), dtype=np.int64)
-    lat, delivered, rates, note = [], [], [], ""
+    lat, delivered, rates, note, union = [], [], [], "", set()
     for result in results:
         if "error" in result:
             note = result["error"][:100]
@@ -352,17 +364,19 @@ def _summarize(sent: array, results: list[dict[str, Any]], size: int) -> dict[st
         ok = (seqs >= 0) & (seqs < len(sent_ns))
         seqs, times = seqs[ok], times[ok]
         delivered.append(len(np.unique(seqs)))
+        union.update(seqs.tolist())
         if len(seqs):
             lat.append((times - sent_ns[seqs]) / 1e6)
             span = (times.max() - sent_ns[0]) / 1e9
             rates.append(len(seqs) * size / 1e6 / span if span > 0 else 0.0)
-    out: dict[str, Any] = {"sent": len(sent), "lost": len(sent) - min(delivered, default=0)}
+    got = len(union) if grouped else min(delivered, default=0)
+    out: dict[str, Any] = {"sent": len(sent), "lost": len(sent) - got}
     if lat:
         all_lat = np.concatenate(lat)
         out.update(p50=float(np.percentile(all_lat, 50)), p99=float(np.percentile(all_lat, 99)),
                    max=float(all_lat.max()))  # fmt: skip
     if rates:
-        out["mbps"] = float(np.mean(rates))
+        out["mbps"] = float(np.sum(rates) if grouped else np.mean(rates))
     if note:
         out["note"] = note
     return out

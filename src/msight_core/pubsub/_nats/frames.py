@@ -40,7 +40,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats.js.errors
@@ -118,7 +118,7 @@ class LargeFrames:
         self._seqs = itertools.count(1)
         self._retained = Retained(max_bytes // 4)
         self._serving: Any = None
-        self._send: Callable[[Any], None] | None = None
+        self._send: Callable[[Any], Awaitable[None]] | None = None
         self._chunk = chunk_size(1024 * 1024)
 
     @property
@@ -170,7 +170,7 @@ class LargeFrames:
             run(self.ensure_stream(nc), self.timeout, "create the large-frame stream")
 
     async def core_frame(
-        self, nc: Any, topic: str, data: bytes, send: Callable[[Any], None]
+        self, nc: Any, topic: str, data: bytes, send: Callable[[Any], Awaitable[None]]
     ) -> tuple[Any, ...]:
         """Core mode, on the loop: the writer's pieces of a frame (chunks, then
         the notice); the frame is kept a while for those who ask for it, whose
@@ -200,7 +200,7 @@ class LargeFrames:
             data = self._retained.take(parsed[1])
         seq = parsed[1] if parsed is not None else 0
         try:
-            self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
+            await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
         except Exception as exc:  # noqa: BLE001 - closing: the requester times out
             logger.debug("answering a frame request failed: %s", type(exc).__name__)
 

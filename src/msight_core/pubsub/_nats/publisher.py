@@ -136,8 +136,8 @@ class Publisher:
             if self._idle:
                 self._kick()
 
-    def send_raw(self, command: Any) -> None:
-        """Queue a protocol command (an ack; a tuple: one message in pieces)."""
+    def send_raw(self, command: bytes) -> None:
+        """Queue a protocol command (an ack) behind what is already queued."""
         with self._cond:
             if self._closing:
                 raise ClosedError("NATS publisher is closed")
@@ -373,13 +373,17 @@ class Publisher:
         large = self._large
         if not self.jetstream:  # core NATS: one piece for the writer (chunks.py)
             self.frames += 1
-            return [await large.core_frame(nc, frame.name, frame.data, self.send_raw)]
+            return [await large.core_frame(nc, frame.name, frame.data, self._answer)]
         stream = await large.ensure_stream(nc)
         pieces = self._commands.frame(
             frame, stream, large.chunk_size(nc.max_payload), tracked_notice=self.jetstream
         )
         self.frames += 1
         return pieces
+
+    async def _answer(self, piece: Any) -> None:
+        """A frame request's answer: written now, between the writer's messages."""
+        await emit(self._wire, [piece])  # type: ignore[arg-type]
 
     async def _subscribe_acks(self, nc: Any) -> None:
         self._ack_sub = await nc.subscribe(
