@@ -151,7 +151,7 @@ class LargeFrames:
         until the stream exists (``run`` runs a coroutine on the loop).
 
         Raises:
-            PayloadTooLargeError: no JetStream on the server, or the payload is
+            PayloadTooLargeError: JetStream mode on a server without JetStream, or the payload is
                 above half of the frame store.
         """
         if not jetstream and not self.core:
