@@ -22,6 +22,7 @@ from msight_core.errors import (
     PublishError,
 )
 from msight_core.pubsub import NATSPubSub
+from msight_core.pubsub._nats.frames import LargeFrames
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 from msight_core.testing.conformance import collect
@@ -178,18 +179,22 @@ def test_large_frames_go_whole_to_one_group_member(
     assert sorted(received[0] + received[1]) == sorted(frames)
 
 
-def test_large_frame_without_jetstream_raises_before_sending(unique_topic: str) -> None:
+def test_large_frame_without_jetstream_raises_in_jetstream_mode_only(unique_topic: str) -> None:
+    """Core mode sends large frames over core NATS (test_nats_core_frames.py); JetStream
+    mode stores them, so a server without JetStream refuses them before sending."""
     with NatsServer(jetstream=False) as server:
         sub = NATSPubSub(get_nats_config(env=server.env()))
         pub = NATSPubSub(get_nats_config(env=server.env()))
         try:
             sub.subscribe(unique_topic)
             pub.publish(unique_topic, b"before")
-            with pytest.raises(PayloadTooLargeError, match="max_payload"):
-                pub.publish(unique_topic, frame(MiB + 1))
+            pub.publish(unique_topic, frame(MiB + 1))
             pub.publish(unique_topic, b"after")
             pub.flush()
-            assert [m.data for m in collect(sub, 3, 5)] == [b"before", b"after"]
+            assert [m.data for m in collect(sub, 3, 10)] == [b"before", frame(MiB + 1), b"after"]
+            large = LargeFrames(60.0, 1024 * MiB, 5.0)  # as in JetStream mode
+            with pytest.raises(PayloadTooLargeError, match="max_payload"):
+                large.admit(MiB + 1, MiB, False, None, None)  # type: ignore[arg-type]
         finally:
             pub.close()
             sub.close()

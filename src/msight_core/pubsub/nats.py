@@ -11,10 +11,10 @@ parser straight into the bounded receive queue read by ``listen()`` /
   name: each message goes to one member. Without it, every subscriber gets all.
 * **Payloads** go on the wire unchanged: a plain NATS subscriber reads exactly
   the published bytes. A payload above the server's ``max_payload`` (1 MB by
-  default) is stored as chunks in a JetStream stream and announced by a small
-  header-only message on the topic, which the receiving msight subscriber
-  resolves. Without JetStream, such a payload raises
-  :class:`~msight_core.errors.PayloadTooLargeError` before anything is sent.
+  default) goes in chunks on a side subject, followed by a small header-only
+  notice on the topic: msight broadcast subscribers reassemble it, a queue-group
+  member asks the publisher for it (no JetStream needed). In JetStream mode the
+  chunks are stored in a stream instead.
 * **Reconnects** are nats-py's (subscriptions and queue groups are restored);
   while disconnected, publishes wait in our buffer (``PublishConfig``), which
   also bounds JetStream messages sent and not yet acknowledged.

@@ -12,6 +12,7 @@ names and signatures change without notice.
 * :mod:`.modes` -- core NATS and JetStream mode, the strategy a backend holds.
 * :mod:`.commands` -- the protocol commands the publisher formats (no I/O).
 * :mod:`.frames` -- the large-frame protocol (payloads above ``max_payload``).
+* :mod:`.chunks` -- large frames over core NATS: chunks, reassembly, requests.
 * :mod:`.streams` -- JetStream stream and consumer helpers.
 * :mod:`.parser` -- the fast NATS protocol parser, checking what the server sends.
 * :mod:`.receiver` -- the parser's direct socket read (an asyncio buffered protocol).
@@ -22,9 +23,9 @@ names and signatures change without notice.
 * :mod:`.native` -- :class:`~.native.LoopClient`: the roles on the caller's own
   loop, for the asyncio backend (exposed as ``pubsub.nats.NATSLoopClient``).
 
-Imports go one way: ``internals``, ``frames``, ``receiver``, ``routes`` and
-``streams`` import nothing from here (``commands`` only ``frames``, ``parser``
-only ``receiver`` and ``routes``, ``emit`` only ``internals``); the roles build on
-them, and the facade on the roles. No object here holds a reference to the
+Imports go one way: ``internals``, ``chunks``, ``receiver``, ``routes`` and
+``streams`` import nothing from here (``frames`` only ``chunks``, ``commands``
+only ``frames``, ``parser`` only ``receiver`` and ``routes``, ``emit`` only
+``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.
 """

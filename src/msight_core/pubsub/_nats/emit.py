@@ -6,8 +6,9 @@ large message in its pieces, and large messages *paced*. A flat-out burst of
 large frames must not outrun what nats-server holds for a subscriber
 (``max_pending``, 64 MB by default; past it the subscriber is disconnected and
 loses what was queued): after each :data:`PACE_BYTES` of large payloads the
-writer waits for a PING round trip, so no more than that is in flight to the
-server, and a round trip slower than :data:`PACE_SLOW` is waited once more
+writer sends a PING and waits for the PONG of the window before, so no more
+than two windows are in flight to the server (the socket never idles for a
+round trip), and a wait longer than :data:`PACE_SLOW` is waited once more
 before writing on. nats-server stalls a producer 2-5 ms per message while a
 subscriber's pending output is above 3/4 of ``max_pending``, so a slow round
 trip means a subscriber is falling behind (or the machine is too busy for it to
@@ -23,12 +24,17 @@ from typing import Any
 
 from .internals import Wire
 
-__all__ = ["PACE_BYTES", "PACE_SLOW", "emit"]
+__all__ = ["PACE_BYTES", "PACE_SLOW", "emit", "frame_bytes"]
 
 EMIT_STEP = 4 * 1024 * 1024  # pending in nats-py before the writer waits for the socket
 PACE_BYTES = 4 * 1024 * 1024
 PACE_SLOW = 0.005
 _PACE_WAIT_MAX = 0.05
+
+
+def frame_bytes(pieces: tuple[Any, ...]) -> int:
+    """The bytes of a message handed over in pieces."""
+    return sum(map(len, pieces))
 
 
 async def emit(wire: Wire, out: list[Any]) -> None:
@@ -51,13 +57,25 @@ async def emit(wire: Wire, out: list[Any]) -> None:
         await wire.write_message(piece)
         if wire.pending_bytes >= EMIT_STEP:
             await wire.flush(force=True)
-        wire.unconfirmed += sum(map(len, piece))
+        wire.unconfirmed += frame_bytes(piece)
         if wire.unconfirmed >= PACE_BYTES:
-            started = time.monotonic()
-            await wire.round_trip()
-            taken = time.monotonic() - started
-            if taken > PACE_SLOW:  # the server (or the machine) holds back
-                await asyncio.sleep(min(taken, _PACE_WAIT_MAX))
+            await _pace(wire)
     if run:
         await wire.write(b"".join(run))
     await wire.flush(force=wire.pending_bytes >= EMIT_STEP)
+
+
+async def _pace(wire: Wire) -> None:
+    """A PING for the window just written; then wait for the previous window's
+    PONG. Two windows in flight keep the socket busy (waiting for this
+    window's PONG would idle it for a round trip per window); a wait longer
+    than :data:`PACE_SLOW` means the server holds us back: wait as long again."""
+    previous = wire.pong
+    wire.pong = asyncio.ensure_future(wire.round_trip())
+    if previous is None or previous.done():
+        return
+    started = time.monotonic()
+    await previous
+    taken = time.monotonic() - started
+    if taken > PACE_SLOW:  # the server (or the machine) holds back
+        await asyncio.sleep(min(taken, _PACE_WAIT_MAX))

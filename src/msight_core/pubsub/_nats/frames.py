@@ -1,6 +1,12 @@
 """The large-frame protocol of the NATS backend (not public API).
 
-A payload above the server's ``max_payload`` is stored as chunks on a private
+A payload above the server's ``max_payload`` goes in chunks followed by a small
+*notice*, a message with headers only, on the topic itself. In core mode (the
+default) the chunks go over core NATS on a side subject and nothing is stored
+(:mod:`.chunks`, ``Msight-Frame-Stream: core``); in JetStream mode they are
+stored durably, as follows.
+
+In JetStream mode a large payload is stored as chunks on a private
 subject (:data:`LARGE_SUBJECT_PREFIX` + frame id) of one in-memory JetStream
 stream, :data:`LARGE_STREAM`; then a small *notice*, a message with headers
 only, goes on the topic itself. Because the notice is an ordinary message, NATS
@@ -21,22 +27,39 @@ notice allocates nothing by itself. A bad notice is counted in ``lost`` (and
 terminated in JetStream mode).
 Each chunk carries ``Nats-Msg-Id: <subject>.<index>``, so a resent chunk is
 stored once. :class:`LargeFrames` owns the stream and reads frames back; the
-publisher (:mod:`.publisher`) cuts and sends them.
+publisher (:mod:`.publisher`) cuts and sends them. A subscriber reads both
+kinds of notice, so it takes frames from older msight publishers too; an
+older msight subscriber counts a core notice as malformed (``lost``) at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import nats.js.errors
 from nats.js import api
 
 from ...errors import PayloadTooLargeError
+from .chunks import (
+    CORE_STREAM,
+    FETCH_PREFIX,
+    SOURCE_HEADER,
+    Assembler,
+    Retained,
+    chunk_size,
+    fetch,
+    frame_pieces,
+    parse_frame_id,
+    reply_pieces,
+    valid_reply,
+)
 
 __all__ = [
     "FRAME_HEADER",
@@ -77,16 +100,31 @@ def notice_headers(frame_id: str, size: int, chunks: int, stream: str) -> bytes:
 
 
 class LargeFrames:
-    """The stream of frame chunks, shared by every msight publisher on a server."""
+    """Large frames of one backend: sent over core NATS (``core``) or through
+    the stream of frame chunks shared by every msight publisher on a server,
+    and read back from either."""
 
-    def __init__(self, ttl: float, max_bytes: int, timeout: float) -> None:
+    def __init__(self, ttl: float, max_bytes: int, timeout: float, core: bool = False) -> None:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.core = core
         self._ready = False
         self._lock: asyncio.Lock | None = None
         self.fetched = 0
-        self.lost = 0
+        self._lost = 0
+        self.assembler = Assembler(max_bytes // 2, max_bytes // 2)
+        self._token = os.urandom(8)
+        self._seqs = itertools.count(1)
+        self._retained = Retained(max_bytes // 4)
+        self._serving: Any = None
+        self._send: Callable[[Any], Awaitable[None]] | None = None
+        self._chunk = chunk_size(1024 * 1024)
+
+    @property
+    def lost(self) -> int:
+        """Frames (and chunks) received and not delivered."""
+        return self._lost + self.assembler.lost
 
     @property
     def ready(self) -> bool:
@@ -113,17 +151,17 @@ class LargeFrames:
         until the stream exists (``run`` runs a coroutine on the loop).
 
         Raises:
-            PayloadTooLargeError: no JetStream on the server, or the payload is
+            PayloadTooLargeError: JetStream mode on a server without JetStream, or the payload is
                 above half of the frame store.
         """
         self.check(size, max_payload, jetstream)
-        if not self._ready:
+        if not self._ready and not self.core:
             run(self.ensure_stream(nc), self.timeout, "create the large-frame stream")
 
     def check(self, size: int, max_payload: int, jetstream: bool) -> None:
         """Raise :class:`PayloadTooLargeError` if a ``size``-byte payload cannot go
         as a large frame (see :meth:`admit`)."""
-        if not jetstream:
+        if not jetstream and not self.core:
             raise PayloadTooLargeError(
                 f"payload of {size} bytes exceeds the NATS server's max_payload "
                 f"({max_payload} bytes) and the server has no JetStream to carry it: "
@@ -135,6 +173,41 @@ class LargeFrames:
                 f"payload of {size} bytes exceeds half of the large-frame store "
                 f"({self.max_bytes} bytes); raise MSIGHT_NATS_LARGE_FRAME_STORE_BYTES"
             )
+
+    async def core_frame(
+        self, nc: Any, topic: str, data: bytes, send: Callable[[Any], Awaitable[None]]
+    ) -> tuple[Any, ...]:
+        """Core mode, on the loop: the writer's pieces of a frame (chunks, then
+        the notice); the frame is kept a while for those who ask for it, whose
+        answers go out through ``send``."""
+        if self._serving is None:
+            self._send = send
+            self._serving = await nc.subscribe(FETCH_PREFIX + self._token.hex(), cb=self._serve)
+        seq = next(self._seqs)
+        chunk = self._chunk = chunk_size(nc.max_payload)
+        token = self._token.hex()
+        notice = notice_headers(f"{token}{seq}", len(data), -(-len(data) // chunk), CORE_STREAM)
+        notice += f"{SOURCE_HEADER}: {FETCH_PREFIX}{token}\r\n\r\n".encode()
+        name = topic.encode()
+        command = b"HPUB %s %d %d\r\n%s\r\n" % (name, len(notice), len(notice), notice)
+        self._retained.add(seq, data)
+        return frame_pieces(topic, self._token, seq, data, chunk, command)
+
+    async def _serve(self, msg: Any) -> None:
+        """A request for a kept frame (from a queue-group member): the chunks go
+        to its reply subject. Requests are peer input: checked, bounded."""
+        reply = msg.reply.encode() if msg.reply else b""
+        parsed = parse_frame_id(msg.data.decode("ascii", "replace"))
+        if self._send is None or not valid_reply(reply):
+            return
+        data = None
+        if parsed is not None and parsed[0] == self._token:
+            data = self._retained.take(parsed[1])
+        seq = parsed[1] if parsed is not None else 0
+        try:
+            await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
+        except Exception as exc:  # noqa: BLE001 - closing: the requester times out
+            logger.debug("answering a frame request failed: %s", type(exc).__name__)
 
     async def ensure_stream(self, nc: Any) -> str:
         """Create (or adopt) the chunk stream; on the loop."""
@@ -168,12 +241,14 @@ class LargeFrames:
             self._ready = True
         return LARGE_STREAM
 
-    def _check(self, headers: dict[str, str], max_payload: int) -> tuple[str, int, int] | None:
+    def _check(
+        self, headers: dict[str, str], max_payload: int, expect: str = LARGE_STREAM
+    ) -> tuple[str, int, int] | None:
         """``(frame id, size, chunks)`` of a notice, or ``None`` if it is not one we
         could have sent: peers are untrusted, and these become a subject and a
         buffer. The size is bounded like a publisher's (half the store), the
         chunk count by the chunk sizes a publisher can use, the id is a literal
-        token (no ``*``, ``>`` or ``.``), and the stream is ours."""
+        token (no ``*``, ``>`` or ``.``), and the stream is ``expect``."""
         try:
             frame_id = headers[FRAME_HEADER]
             size_text = headers["Msight-Frame-Size"]
@@ -184,14 +259,17 @@ class LargeFrames:
         if not (
             isinstance(frame_id, str)
             and _TOKEN.fullmatch(frame_id)
-            and stream == LARGE_STREAM
+            and stream == expect
             and _NUMBER.fullmatch(size_text)
             and _NUMBER.fullmatch(chunks_text)
         ):
             return None
         size, chunks = int(size_text), int(chunks_text)
-        fewest = -(-size // max(self.chunk_size(max_payload), 1))
-        most = -(-size // 1024)  # chunk_size() is at least 1 KB
+        largest = (
+            self.chunk_size(max_payload) if expect == LARGE_STREAM else chunk_size(max_payload)
+        )
+        fewest = -(-size // max(largest, 1))
+        most = -(-size // 1024)  # a chunk is at least 1 KB
         if not (0 < size <= self.max_bytes // 2 and fewest <= chunks <= most):
             return None
         return frame_id, size, chunks
@@ -223,9 +301,12 @@ class LargeFrames:
         them); nothing is allocated before chunks arrive, and never more than
         the notice announced.
         """
-        checked = self._check(headers, int(getattr(nc, "max_payload", 0) or 1024 * 1024))
+        max_payload = int(getattr(nc, "max_payload", 0) or 1024 * 1024)
+        if headers.get("Msight-Frame-Stream") == CORE_STREAM:
+            return await self._fetch_core(nc, topic, headers, max_payload)
+        checked = self._check(headers, max_payload)
         if checked is None:
-            self.lost += 1
+            self._lost += 1
             logger.warning("malformed large-frame notice on %r ignored", topic)
             return None
         frame_id, size, chunks = checked
@@ -256,7 +337,7 @@ class LargeFrames:
             if received != size:
                 raise ValueError("chunks do not add up to the announced size")
         except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
-            self.lost += 1
+            self._lost += 1
             logger.warning(
                 "large frame on %r lost (%d of %d chunks read: %s); frames are kept %gs "
                 "in the %s stream",
@@ -276,3 +357,33 @@ class LargeFrames:
                     logger.debug("unsubscribing a frame consumer failed", exc_info=True)
         self.fetched += 1
         return b"".join(parts)
+
+    async def _fetch_core(
+        self, nc: Any, topic: str, headers: dict[str, str], max_payload: int
+    ) -> bytes | None:
+        """A core notice: the frame the chunks brought, or asked from its publisher."""
+        checked = self._check(headers, max_payload, CORE_STREAM)
+        parsed = parse_frame_id(checked[0]) if checked is not None else None
+        if checked is None or parsed is None:
+            self._lost += 1
+            logger.warning("malformed large-frame notice on %r ignored", topic)
+            return None
+        token, seq = parsed
+        _, size, chunks = checked
+        data = self.assembler.claim(token, topic, seq)
+        if data is not None and len(data) == size:
+            self.fetched += 1
+            return data
+        source = headers.get(SOURCE_HEADER)
+        try:
+            if source != FETCH_PREFIX + token.hex():
+                raise LookupError("the notice names no source of ours")
+            data = await fetch(nc, source, token, seq, size, chunks, self.timeout)
+        except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
+            self._lost += 1
+            logger.warning(
+                "large frame on %r lost (asked its publisher: %s)", topic, type(exc).__name__
+            )
+            return None
+        self.fetched += 1
+        return data

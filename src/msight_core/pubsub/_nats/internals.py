@@ -282,6 +282,8 @@ class Wire:
         self._refused: Any = None  # the transport a direct write failed on
         self.unconfirmed = 0
         """Large-payload bytes written since the last :meth:`round_trip`."""
+        self.pong: Any = None
+        """The pacing round trip in flight (a task), if any."""
 
     @property
     def pending_bytes(self) -> int:

@@ -53,6 +53,8 @@ class CoreMode:
 
     def __init__(self, group_id: str | None, connect_timeout: float) -> None:
         self._group = group_id or ""
+        self.chunks = not group_id
+        """Broadcast: also subscribe the chunks of large frames (:mod:`.chunks`)."""
         self.subscribe_timeout = connect_timeout * 3
 
     def prepare(self, name: str) -> None:
@@ -110,6 +112,7 @@ class JetStreamMode:
     capabilities = Capabilities(broadcast=True, groups=True, persistent=True, ordered=True)
     acknowledges = True
     headroom = 256  # the Nats-Msg-Id header of a tracked publish
+    chunks = False  # large frames are stored, not sent in chunks
 
     def __init__(
         self,

@@ -130,7 +130,7 @@ class LoopClient:
         large = parts.large
         if len(data) > max_payload - mode.headroom:
             large.check(len(data), max_payload, conn.jetstream_available)
-            if not large.ready:
+            if not large.ready and not large.core:  # core mode: chunks over core NATS
                 what = "create the large-frame stream"
                 await run_here(large.ensure_stream(conn.client), large.timeout, what)
         timeout = self.config.publish.timeout

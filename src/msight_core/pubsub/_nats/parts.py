@@ -60,7 +60,10 @@ def assemble(
     native = offer is not None
     conn = Connection(config, client_options(config))
     large = LargeFrames(
-        config.large_frame_ttl, config.large_frame_store_bytes, config.publish.timeout
+        config.large_frame_ttl,
+        config.large_frame_store_bytes,
+        config.publish.timeout,
+        core=not config.jetstream,
     )
     publisher = Publisher(config.jetstream, config.publish, large, conn.where, conn.describe)
     mode: CoreMode | JetStreamMode

@@ -7,14 +7,14 @@ whatever has accumulated to the connection in one piece, in order, through
 loop is woken only when the writer was idle.
 
 Messages that need an acknowledgement from JetStream (JetStream-mode publishes
-and the chunks of large frames) carry a reply subject under a private inbox and a
+and their large frames' chunks) carry a reply subject under a private inbox and a
 ``Nats-Msg-Id``; they stay in ``_sent`` until the stream acknowledges them, and
 are sent again after a reconnect or when the ack is late. Their bytes count
 against ``buffer_bytes`` with the unsent ones: ``publish()`` waits for room, then
 raises ``BackpressureError``, while acknowledgements are outstanding. The stream drops the
 duplicates by message id, so a resend never stores a message twice. Payloads
-above ``max_payload`` are cut into chunks of the large-frame stream
-(:mod:`.frames`) by the writer.
+above ``max_payload`` are cut into chunks by the writer: sent over core NATS
+(:mod:`.chunks`), or stored in the large-frame stream in JetStream mode.
 
 Core NATS has no receipts: the writer sends a PING after new traffic, so a
 disconnect can tell how many messages were handed over since the last PONG
@@ -34,7 +34,7 @@ from ...config import PublishConfig
 from ...errors import BackpressureError, ClosedError, MsightError
 from .acks import Receipts
 from .commands import CRLF, Commands, Frame, Tracked, hpub_head
-from .emit import emit
+from .emit import emit, frame_bytes
 from .frames import LargeFrames
 from .internals import Wire
 
@@ -379,9 +379,9 @@ class Publisher(Receipts):
             else:
                 pieces = [item]
             for piece in pieces:
-                if type(piece) is bytes:
+                if type(piece) is bytes or type(piece) is tuple:  # tuple: a core frame
                     out.append(piece)
-                    size += len(piece)
+                    size += len(piece) if type(piece) is bytes else frame_bytes(piece)
                     continue
                 if self._ack_sub is None:
                     await self._subscribe_acks(nc)
@@ -406,11 +406,18 @@ class Publisher(Receipts):
             await emit(wire, out)
 
     async def _expand_frame(self, nc: Any, frame: Frame) -> list[Any]:
-        """Chunks into the large-frame stream, then the notice on the topic."""
+        """Chunks (on a side subject, or into the large-frame stream), then the notice."""
         large = self._large
+        if not self.jetstream:  # core NATS: one piece for the writer (chunks.py)
+            self.frames += 1
+            return [await large.core_frame(nc, frame.name, frame.data, self._answer)]
         stream = await large.ensure_stream(nc)
         pieces = self._commands.frame(
             frame, stream, large.chunk_size(nc.max_payload), tracked_notice=self.jetstream
         )
         self.frames += 1
         return pieces
+
+    async def _answer(self, piece: Any) -> None:
+        """A frame request's answer: written now, between the writer's messages."""
+        await emit(self._wire, [piece])  # type: ignore[arg-type]

@@ -5,7 +5,9 @@ on the client before it connects) straight into the backend's receive queue, a
 batch per loop iteration; JetStream deliveries take the same route with their
 ack subject. Messages whose headers matter (large-frame notices, JetStream
 status messages) take nats-py's subscription callback, where a notice is
-resolved into its frame (:class:`.frames.LargeFrames`). Without the parser
+resolved into its frame (:class:`.frames.LargeFrames`); in core mode without a
+group each topic's chunk subject is subscribed too, its chunks routed straight
+to the assembler (:mod:`.chunks`). Without the parser
 (nats-py's internals differ, or the public path is forced) every message takes
 the callback.
 
@@ -35,6 +37,7 @@ from typing import Any, Protocol
 from ...tracing import TRACE_HEADERS
 from .._core import Delivery
 from . import internals
+from .chunks import CHUNK_PREFIX
 from .frames import FRAME_HEADER, FRAME_MARKER, LargeFrames
 from .parser import FastParser
 from .routes import header_values
@@ -60,6 +63,8 @@ class SubscribeMode(Protocol):
     """What the subscriber needs from the mode (core NATS or JetStream)."""
 
     acknowledges: bool
+    chunks: bool
+    """Subscribe the side subject of large frames' chunks too (core broadcast)."""
 
     def subscribe(
         self, nc: Any, name: str, cb: Callable[[Any], Awaitable[None]]
@@ -230,6 +235,7 @@ class Subscriber:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parser: FastParser | None = None
         self._subs: dict[str, Any] = {}
+        self._side: dict[str, Any] = {}  # the chunk subscriptions of large frames
         self._inbox: list[Delivery] = []
         self._inbox_scheduled = False
         self._direct = self._deliver_acked if mode.acknowledges else self._deliver
@@ -288,12 +294,33 @@ class Subscriber:
             # unless one already took that path: routing the next ones could overtake it.
             if not delivered:
                 parser.route(sid, self._direct, FRAME_MARKER)
+        if self._mode.chunks and name not in self._side:
+            await self._subscribe_chunks(nc, name)
         await nc.flush(self._timeout)  # the server has the SUB now
+
+    async def _subscribe_chunks(self, nc: Any, name: str) -> None:
+        """Core broadcast: large frames' chunks come on a side subject, before
+        their notice (:mod:`.chunks`); they go to the assembler, routed directly."""
+        assembler = self._large.assembler
+
+        async def on_chunk(msg: Any) -> None:  # nats-py's path (no parser)
+            assembler.on_chunk(msg.subject, msg.data)
+
+        side = self._side[name] = await nc.subscribe(
+            CHUNK_PREFIX + name,
+            cb=on_chunk,
+            pending_msgs_limit=100_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+        key = internals.core_route(side)
+        if self._parser is not None and key is not None:
+            self._parser.route(key[0], assembler.on_chunk)
 
     async def drain(self) -> None:
         """Stop deliveries: UNSUB, a round trip, and the callback sees what came before."""
-        subs = list(self._subs.values())
+        subs = list(self._subs.values()) + list(self._side.values())
         self._subs.clear()
+        self._side.clear()
         for sub in subs:
             await sub.drain()
 
