@@ -24,11 +24,23 @@ Topics
     limit are plain records: their value is exactly the published bytes.
 
 Ordering
-    By default each message picks its partition on its own (balanced groups,
-    even with a single publisher), so order holds within a partition only.
-    With ``KafkaConfig.ordered`` (``MSIGHT_KAFKA_ORDERED=true``) all of one
-    publisher instance's messages to a topic use one partition and arrive in
-    publish order; a group then balances across publishers.
+    Every subscriber gets each publisher's messages in publish order, and a
+    group balances even a single publisher's stream: each message takes the
+    publisher's next sequence number and the next partition in turn (the record
+    key carries the stamp; the value is exactly the published bytes), and the
+    subscriber restores each publisher's order among the partitions it owns
+    (all of them, or its share in a group). A message is held back only while
+    an earlier one of its publisher may still come, at most
+    ``KafkaConfig.order_wait`` seconds (2 by default) and within the receive
+    queue's bounds; one that never comes is counted (``stats()["order_gaps"]``).
+    A subscriber that starts while a publisher is sending holds that
+    publisher's first messages at most 0.25 s for what may precede them
+    (``order_wait`` if the publisher itself has just started).
+    Order is not kept across a rebalance for what a previous owner left
+    unprocessed, nor for records of other (raw) producers, which pass through
+    as they come. With ``KafkaConfig.ordered`` (``MSIGHT_KAFKA_ORDERED=true``)
+    each publisher instance uses one partition instead: order for any Kafka
+    consumer, raw ones included, and balance across publishers only.
 
 Subscribing
     With a ``group_id`` the members share partitions (each message to one
@@ -80,7 +92,7 @@ class KafkaPubSub(QueueBackend):
     """
 
     capabilities = Capabilities(
-        broadcast=True, groups=True, persistent=True, ordered=False, max_payload=None
+        broadcast=True, groups=True, persistent=True, ordered=True, max_payload=None
     )
 
     def __init__(self, config: KafkaConfig | None = None) -> None:
@@ -95,6 +107,9 @@ class KafkaPubSub(QueueBackend):
         self._admin = TopicAdmin(config)
         self._publisher: Publisher | None = None
         self._subscriber: Subscriber | None = None
+        # The subscriber's, once it exists: processed tokens, partition generations.
+        self._acks: dict[tuple[str, int], Any] = {}
+        self._generations: dict[tuple[str, int], int] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -117,6 +132,8 @@ class KafkaPubSub(QueueBackend):
                     raise
             if self._subscriber is None:
                 self._subscriber = Subscriber(self.config, self._queue)
+                self._acks = self._subscriber.acks
+                self._generations = self._subscriber.generations
             self._subscriber.subscribe(name, created)
         except MsightError:
             raise
@@ -140,15 +157,15 @@ class KafkaPubSub(QueueBackend):
             self._publisher.flush(timeout)
 
     def _ack(self, delivery: Delivery) -> None:
-        subscriber = self._subscriber
-        if subscriber is not None and delivery.token is not None:
-            subscriber.ack(delivery.topic, delivery.token)
+        # Only a group member's deliveries carry tokens, so its subscriber exists.
+        token = delivery.token
+        self._acks[(delivery.topic, token[0])] = token
 
     def _accept(self, delivery: Delivery) -> bool:
         # A message of a partition revoked or rewound since it was queued is not
         # handed out: the partition's new owner (or new position) delivers it again.
-        subscriber = self._subscriber
-        return subscriber is None or subscriber.current(delivery.topic, delivery.token)
+        token = delivery.token
+        return self._generations.get((delivery.topic, token[0])) == token[2]
 
     def _close(self) -> None:
         try:
@@ -204,7 +221,11 @@ class KafkaPubSub(QueueBackend):
 
     def stats(self) -> dict[str, Any]:
         """Counters: delivered/queued (base), published, delivery failures, frames,
-        producers replaced after a fatal error and messages re-sent by them."""
+        producers replaced after a fatal error and messages re-sent by them; for
+        subscribers, rebalances, split frames dropped, and order restoration:
+        ``order_gaps`` (a publisher's messages never received), ``order_late``
+        (received after later ones were delivered), ``unordered`` (stamps that
+        did not add up, passed through)."""
         out = super().stats()
         publisher, subscriber = self._publisher, self._subscriber
         if publisher is not None:
@@ -219,5 +240,6 @@ class KafkaPubSub(QueueBackend):
             out.update(
                 rebalances=subscriber.rebalances,
                 incomplete_frames_dropped=subscriber.incomplete_frames_dropped,
+                **subscriber.order_stats(),
             )
         return out

@@ -13,11 +13,12 @@ confluent-kafka object is shared between threads. Other threads post commands.
 * Messages go to the :class:`~.._core.ReceiveQueue` only while it has room; when
   it is full the partitions are paused (backpressure, nothing dropped).
 * Offsets are committed only for messages the application acknowledged
-  (see :meth:`Subscriber.ack`): every second, on revocation and on close.
-* Frames split by the publisher (:mod:`.chunks`) are reassembled; the
-  committed offset never passes the first chunk of an unfinished frame.
+  (``Subscriber.acks``): every second, on revocation and on close.
+* Records become deliveries in the :class:`~.inbox.Inbox`: split frames are
+  reassembled, each publisher's order restored (:mod:`.order`); the committed
+  offset never passes an unfinished frame or a message held for order.
 * Each assignment of a partition gets a new generation, carried in the
-  delivery's token: :meth:`Subscriber.current` tells the backend that a queued
+  delivery's token: :attr:`Subscriber.generations` tells the backend that a queued
   delivery's partition was revoked or rewound since, so it is not handed out.
 """
 
@@ -43,8 +44,8 @@ from confluent_kafka import (
 from ...config import KafkaConfig
 from ...errors import BrokerUnavailableError, ConfigError, MsightError
 from .._core import Delivery, ReceiveQueue
-from .chunks import CHUNK_HEADER, Reassembler
 from .errors import TOPIC_MISSING, translate
+from .inbox import Inbox
 from .settings import consumer_conf, unique_group_id
 
 __all__ = ["Subscriber"]
@@ -70,8 +71,8 @@ class Subscriber:
         config: the backend's settings (``group_id`` decides group or broadcast).
         queue: where deliveries go; the backend's ``listen()`` reads it.
 
-    ``ack()`` and ``current()`` are cheap and callable from any thread; the other
-    calls block until the reader thread has done the work.
+    Writing to ``acks`` and reading ``generations`` are cheap and fine from any
+    thread; the other calls block until the reader thread has done the work.
     """
 
     def __init__(self, config: KafkaConfig, queue: ReceiveQueue) -> None:
@@ -92,15 +93,21 @@ class Subscriber:
         self._gen: dict[TP, int] = {}  # assigned partitions -> generation
         self._next_gen = 0
         self._assign_count = 0
-        self._ack_lock = threading.Lock()
-        self._acked: dict[TP, int] = {}
-        self._chunks = Reassembler()
+        self.acks: dict[TP, tuple[int, int, int]] = {}
+        """The token of the last processed delivery per partition: written by the
+        backend (any thread), turned into offsets to commit by the reader thread."""
+        self.generations = self._gen
+        """Partition -> generation (read only outside): a delivery whose token
+        carries another generation was revoked or rewound since it was queued."""
+        self._acked: dict[TP, int] = {}  # offsets to commit (reader thread only)
+        self._committed: dict[TP, int] = {}
         self._leftover: deque[Delivery] = deque()
+        self.inbox = Inbox(config, self.grouped, self._gen, self._leftover, self._on_record_error)
         self._paused = False
         self._stop = False
         self._last_commit = time.monotonic()
         self._last_pending_check = 0.0
-        self._last_evict = 0.0
+        self._wake: float | None = None  # when the inbox wants a tick (monotonic)
         self._outage_logged = False
         self.rebalances = 0
         self._thread = threading.Thread(target=self._run, name="msight-kafka-reader", daemon=True)
@@ -108,8 +115,13 @@ class Subscriber:
 
     @property
     def incomplete_frames_dropped(self) -> int:
-        """Split frames given up unfinished (a chunk missing, or too late)."""
-        return self._chunks.dropped
+        """Split frames given up (malformed, a chunk missing, too late, over a bound)."""
+        return self.inbox.chunks.dropped
+
+    def order_stats(self) -> dict[str, int]:
+        """Counters of the order restoration (see :class:`~.order.Sequencer`)."""
+        order = self.inbox.order
+        return {"order_gaps": order.gaps, "order_late": order.late, "unordered": order.unordered}
 
     # -- caller side ------------------------------------------------------------------
 
@@ -156,18 +168,6 @@ class Subscriber:
         merged = {**dict(self.config.client), **dict(self.config.consumer)}
         return merged.get(key, default)
 
-    def ack(self, topic: str, token: tuple[int, int, int]) -> None:
-        """Record that the application processed a delivery (cheap, any thread)."""
-        partition, offset, gen = token
-        key = (topic, partition)
-        if self._gen.get(key) == gen:
-            with self._ack_lock:
-                self._acked[key] = offset
-
-    def current(self, topic: str, token: tuple[int, int, int]) -> bool:
-        """False if the delivery's partition was revoked or rewound since."""
-        return self._gen.get((topic, token[0])) == token[2]
-
     def replay(self, name: str, where: Any) -> int:
         """Rewind ``name``'s assigned partitions; returns how many were moved."""
         return int(self.call(lambda: self._seek(name, where), self._timeout * 2 + 5))
@@ -206,7 +206,10 @@ class Subscriber:
                     continue
                 if self._paused:
                     self._pause(False)
-                msg = consumer.poll(0.1)
+                wait = 0.1
+                if self._wake is not None:
+                    wait = min(wait, max(0.0, self._wake - time.monotonic()))
+                msg = consumer.poll(wait)
                 if msg is not None:
                     batch = [msg]
                     batch.extend(consumer.consume(_BATCH - 1, 0))
@@ -238,9 +241,12 @@ class Subscriber:
             self._last_pending_check = now
             for name in list(self._pending):
                 self._assign_all(name)
-        if self._chunks.partial and now - self._last_evict >= 1.0:
-            self._last_evict = now
-            self._chunks.evict(now)
+        if self._wake is not None and now >= self._wake or self.inbox.pending:
+            self._wake = self.inbox.tick(now, self._paused)
+
+    def _on_record_error(self, err: Any) -> None:
+        if err.code() not in _IGNORED:
+            self._on_error(err)
 
     def _on_error(self, err: Any) -> None:
         if err.code() in _IGNORED:
@@ -317,6 +323,7 @@ class Subscriber:
         return parts
 
     def _took(self, parts: list[TopicPartition], rebalance: bool = True) -> None:
+        self.inbox.assign(key_of(p) for p in parts)
         with self._cond:
             for p in parts:
                 self._next_gen += 1
@@ -356,11 +363,12 @@ class Subscriber:
         with self._cond:
             for key in keys:
                 self._gen.pop(key, None)
-            self._chunks.forget(keys)
             self._cond.notify_all()
-        with self._ack_lock:
-            for key in keys:
-                self._acked.pop(key, None)
+        self.inbox.revoke(keys)
+        for key in keys:
+            self._acked.pop(key, None)
+            self._committed.pop(key, None)
+            self.acks.pop(key, None)
         if self._leftover:
             self._leftover = deque(d for d in self._leftover if (d.topic, d.token[0]) not in keys)
 
@@ -382,6 +390,7 @@ class Subscriber:
         ]
         # Deliveries from the old position still queued are skipped (new generation).
         self._drop(targets)
+        self.inbox.rewind(name)
         for target in targets:
             try:
                 self.consumer.seek(target)
@@ -395,51 +404,11 @@ class Subscriber:
     # -- messages ---------------------------------------------------------------------------
 
     def _handle(self, msgs: list[Any]) -> None:
-        if not self.grouped and not self._chunks.partial:
-            # Hot path for broadcast subscribers: plain records need no offsets.
-            append = self._leftover.append
-            for index, m in enumerate(msgs):
-                if m.error() is not None or m.headers() is not None:
-                    self._handle_slow(msgs[index:])
-                    break
-                append(Delivery(m.topic(), m.value() or b"", None))
-            return
-        self._handle_slow(msgs)
-
-    def _handle_slow(self, msgs: list[Any]) -> None:
-        gens = self._gen
-        out = self._leftover
-        grouped = self.grouped
-        chunks = self._chunks
-        partial = chunks.partial
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() not in _IGNORED:
-                    self._on_error(err)
-                continue
-            topic = m.topic()
-            part = m.partition()
-            key = (topic, part)
-            gen = gens.get(key)
-            if gen is None:
-                continue  # revoked meanwhile
-            offset = m.offset()
-            headers = m.headers()
-            data = m.value()
-            if headers is not None:
-                chunk = next((v for k, v in headers if k == CHUNK_HEADER), None)
-                if chunk is not None:
-                    data = chunks.add(key, offset, chunk, data)
-                    if data is None:
-                        continue
-            safe = chunks.first_offset(key, offset + 1) if partial else offset + 1
-            if data is None:
-                data = b""
-            # Only group members commit, so only their deliveries carry a token.
-            out.append(Delivery(topic, data, (part, safe, gen) if grouped else None))
+        self.inbox.handle(msgs)
         if self._outage_logged and msgs:
             self._outage_logged = False
+        if self.inbox.pending and self._wake is None:
+            self._wake = self.inbox.tick(time.monotonic(), self._paused)
 
     def _pause(self, pause: bool) -> None:
         parts = [TopicPartition(t, p) for t, p in self._gen]
@@ -449,13 +418,21 @@ class Subscriber:
 
     # -- offsets ----------------------------------------------------------------------------
 
+    def _take_acks(self) -> None:
+        """Turn the acknowledged tokens into offsets to commit (a delivery of a
+        partition revoked or rewound since counts for nothing)."""
+        gens, acked, committed = self._gen, self._acked, self._committed
+        for key, (_, offset, gen) in self.acks.copy().items():  # one C call: atomic
+            if gens.get(key) == gen and offset > committed.get(key, -1):
+                acked[key] = committed[key] = offset
+
     def _commit(self, asynchronous: bool, only: set[TP] | None = None) -> None:
         self._last_commit = time.monotonic()
-        with self._ack_lock:
-            if only is None:
-                acked, self._acked = self._acked, {}
-            else:
-                acked = {k: self._acked.pop(k) for k in only if k in self._acked}
+        self._take_acks()
+        if only is None:
+            acked, self._acked = self._acked, {}
+        else:
+            acked = {k: self._acked.pop(k) for k in only if k in self._acked}
         offsets = [TopicPartition(t, p, o) for (t, p), o in acked.items() if (t, p) in self._gen]
         if not offsets:
             return
@@ -467,14 +444,14 @@ class Subscriber:
 
     def _shutdown(self) -> None:
         try:
+            self._take_acks()
             if self.grouped and self._acked:
                 if self._reachable():
                     self._commit(asynchronous=False)
                 else:
                     # A commit would wait ~6 s for a coordinator that is not there.
-                    with self._ack_lock:
-                        count = len(self._acked)
-                        self._acked.clear()
+                    count = len(self._acked)
+                    self._acked.clear()
                     logger.warning(
                         "Kafka broker unreachable on close: the offsets of %d partition(s) "
                         "were not committed; their processed messages will come again",
