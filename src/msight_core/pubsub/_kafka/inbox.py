@@ -17,7 +17,6 @@ order in that partition (a restart must not lose them).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,11 +25,12 @@ from ...config import KafkaConfig
 from .._core import Delivery
 from .chunks import CHUNK_HEADER, FRAME_TIMEOUT, Reassembler
 from .order import Sequencer
-from .stamps import SEQ_MAGIC
+from .stamps import FRAME_MAGIC, SEQ_MAGIC
 
 __all__ = ["Inbox"]
 
 TP = tuple  # (topic, partition)
+_MAGICS = (SEQ_MAGIC, FRAME_MAGIC)
 
 
 class Inbox:
@@ -62,7 +62,7 @@ class Inbox:
         self.chunks = Reassembler(budget)
         emit = self._emit_token if grouped else self._emit
         self.order = Sequencer(
-            config.order_wait, budget, config.queue.max_messages, emit, pin=grouped
+            config.order_wait, budget, config.queue.max_messages, emit, grouped, out.append
         )
         self._last_evict = 0.0
 
@@ -73,60 +73,56 @@ class Inbox:
         if not self.grouped and not self.chunks.partial and not self.order.held_count:
             # Broadcast, nothing pending: plain unstamped records (raw producers,
             # ``ordered`` publishers) go straight out, as cheaply as possible.
-            append, magic = self.out.append, SEQ_MAGIC
+            append, magics = self.out.append, _MAGICS
+            new, delivery = tuple.__new__, Delivery
             for index, m in enumerate(msgs):
                 stamp = m.key()
                 if (
                     m.error() is not None
                     or m.headers() is not None
                     or stamp is not None
-                    and stamp.startswith(magic)
+                    and stamp[:4] in magics
                 ):
                     self._handle(msgs[index:])
                     return
-                append(Delivery(m.topic(), m.value() or b"", None))
+                append(new(delivery, (m.topic(), m.value() or b"", None)))
             return
         self._handle(msgs)
 
     def _handle(self, msgs: list[Any]) -> None:
-        gens = self.gens
-        chunks = self.chunks
-        order = self.order
-        order.now = time.monotonic()
-        add = order.add
-        emit = order.emit
-        grouped = self.grouped
-        magic = SEQ_MAGIC
-        for m in msgs:
-            if m.error() is not None:
-                self.on_error(m.error())
-                continue
-            key = (m.topic(), m.partition())
-            if key not in gens:
-                continue  # revoked meanwhile
-            offset = start = m.offset()
-            data = m.value()
-            headers = m.headers()
-            if headers is not None:
-                chunk = next((v for k, v in headers if k == CHUNK_HEADER), None)
-                if chunk is not None:
-                    frame = chunks.add(key, offset, chunk, data)
-                    if frame is None:
-                        continue
-                    data, start = frame
-            if data is None:
-                data = b""
-            # A group member's delivery needs its end offset; a broadcast one only the bytes.
-            item = (data, offset + 1) if grouped else data
-            stamp = m.key()
-            if stamp is not None and stamp.startswith(magic):
-                add(item, key, start, stamp, len(data))
-            else:
-                emit(item, key, start)
-        order.flush_batch()
+        self.order.take(msgs, self.gens, self._other)
 
-    def _emit(self, data: bytes, key: TP, start: int) -> None:
-        self.out.append(Delivery(key[0], data, None))
+    def _other(self, m: Any) -> None:
+        """A record the sequencer's fast path does not take, in its turn."""
+        err = m.error()
+        if err is not None:
+            self.on_error(err)
+            return
+        key = (m.topic(), m.partition())
+        if key not in self.gens:
+            return  # revoked meanwhile
+        offset = start = m.offset()
+        data = m.value()
+        headers = m.headers()
+        if headers is not None:
+            chunk = next((v for k, v in headers if k == CHUNK_HEADER), None)
+            if chunk is not None:
+                frame = self.chunks.add(key, offset, chunk, data)
+                if frame is None:
+                    return
+                data, start = frame
+        if data is None:
+            data = b""
+        # A group member's delivery needs its end offset; a broadcast one only the bytes.
+        item = (data, offset + 1) if self.grouped else Delivery(key[0], data, None)
+        stamp = m.key()
+        if stamp is not None and stamp[:4] in _MAGICS:
+            self.order.add(item, key, start, stamp, len(data))
+        else:
+            self.order.emit(item, key, start)
+
+    def _emit(self, item: Delivery, key: TP, start: int) -> None:
+        self.out.append(item)
 
     def _emit_token(self, item: tuple[bytes, int], key: TP, start: int) -> None:
         data, safe = item

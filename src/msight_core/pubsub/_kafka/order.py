@@ -33,7 +33,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .stamps import SEQ_STRUCT
+from .._core import Delivery
+from .stamps import SEQ_MAGIC, SEQ_STRUCT
 
 __all__ = ["FIRST_WAIT", "MAX_AHEAD", "MAX_ROTATION", "Sequencer"]
 
@@ -89,9 +90,11 @@ class Sequencer:
         max_count: messages held at most (likewise).
         emit: called with ``(item, key, offset)`` for each message handed out, in order.
         pin: keep the offsets of held messages (group members, which commit).
+        append: without ``pin``, where :meth:`take` puts the deliveries it makes
+            (``emit`` then gets those deliveries as items too).
 
-    ``add()`` takes each stamped record; ``flush_batch()`` ends a fetched batch;
-    ``expire()`` is called regularly. With ``pin``, ``pins`` maps each partition
+    ``take()`` takes a fetched batch of Kafka records (``add()`` one stamped
+    record, then ``flush_batch()`` ends the batch); ``expire()`` is called regularly. With ``pin``, ``pins`` maps each partition
     with a held message to their offsets in the order they came (``pins[key][0]``:
     the lowest; a commit must not pass it).
     """
@@ -103,8 +106,13 @@ class Sequencer:
         max_count: int,
         emit: Callable[[Any, TP, int], None],
         pin: bool = True,
+        append: Callable[[Any], None] | None = None,
     ) -> None:
         self.wait = wait
+        self.append = append
+        # Without pins, held entries are the items themselves (deliveries): no
+        # tuple per held record (they are most records of a drain) for the GC to track.
+        self.bare = not pin and append is not None
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.emit = emit
@@ -156,7 +164,8 @@ class Sequencer:
                     state.floor.pop(p, None)
                     state.top.pop(p, None)
                 state.mine = any(p < state.n for p in state.mask)
-                for seq, (_, key, _, size) in list(state.held.items()):
+                for seq, entry in list(state.held.items()):
+                    _, key, _, size = self._entry(state, seq, entry)
                     if key[1] in parts:
                         del state.held[seq]
                         self.held_bytes -= size
@@ -179,14 +188,114 @@ class Sequencer:
 
     # -- records ----------------------------------------------------------------------
 
+    def take(self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]) -> None:
+        """Take a fetched batch of Kafka records, in order, and end it.
+
+        Records with a plain stamp (:data:`SEQ_MAGIC`) are ordered here; every
+        other record (errors, unstamped, chunks of split frames) goes to
+        ``other(record)`` in its turn. Records of partitions not in ``gens``
+        (revoked meanwhile) are skipped. Items are made here: ``(value, offset + 1)``
+        with ``pin``, else a :class:`~.._core.Delivery`, handed to ``append``.
+
+        This is the drain's hot loop, hence written for speed: the stamp is one
+        ``struct`` unpack, the publisher's state is looked up once per run of
+        records of one publisher in one partition (Kafka hands out such runs),
+        and the two common cases (the next one in turn; one to hold while the
+        next one is awaited from another partition) are handled inline.
+        """
+        self.now = time.monotonic()
+        pin, emit, slow = self.pin, self.emit, self._add
+        direct = None if pin else self.append
+        bare = self.bare
+        states, max_count = self.states, self.max_count
+        unpack, size, magic = _unpack, _SIZE, SEQ_MAGIC
+        new, delivery = tuple.__new__, Delivery
+        last_part, last_pid, last_topic = -1, b"", ""
+        key: TP = ("", -1)
+        state: _State | None = None
+        for m in msgs:
+            stamp = m.key()
+            if stamp is None or len(stamp) != size:
+                other(m)
+                continue
+            tag, pid, seq, n = unpack(stamp)
+            if tag != magic:
+                other(m)
+                continue
+            part = m.partition()
+            topic = m.topic()
+            if part != last_part or pid != last_pid or topic != last_topic:
+                key = (topic, part)
+                if key not in gens:
+                    last_part = -1
+                    continue
+                state = states.get((topic, pid))
+                last_part, last_pid, last_topic = part, pid, topic
+            data = m.value()
+            if data is None:
+                data = b""
+            offset = m.offset()
+            item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
+            if state is None or state.fresh or state.n != n or (state.base + seq) % n != part:
+                slow(item, key, offset, pid, seq, n, len(data))
+                state = states.get((topic, pid))  # made, or replaced
+                continue
+            expected = state.next
+            if seq == expected:
+                if direct is None:
+                    emit(item, key, offset)
+                else:
+                    direct(item)
+                seq += 1
+                if state.held or (state.base + seq) % n not in state.mask:
+                    self._advance(state, seq)
+                else:
+                    state.next = seq
+            elif (
+                state.waiting
+                and expected is not None
+                and expected < seq <= expected + MAX_AHEAD
+                and seq not in state.held
+                and self.held_count < max_count
+            ):
+                # Held while the next one is awaited (a drain reads one partition
+                # after another): the same as add(), inline.
+                top = state.top
+                if seq > top.get(part, -1):
+                    top[part] = seq
+                nbytes = len(data)
+                state.held[seq] = item if bare else (item, key, offset, nbytes)
+                self.held_count += 1
+                self.held_bytes += nbytes
+                if pin:
+                    pins = self.pins.get(key)
+                    if pins is not None and pins[-1] < offset:
+                        pins.append(offset)
+                    else:
+                        self._pin(key, offset)
+                if self.held_bytes > self.max_bytes:
+                    self._shed()
+                if (state.base + expected) % n == part:
+                    self._advance(state, expected)  # a later one came in its partition
+            else:
+                slow(item, key, offset, pid, seq, n, len(data))
+                state = states.get((topic, pid))
+        self.flush_batch()
+
     def add(self, item: Any, key: TP, offset: int, stamp: bytes, size: int) -> None:
         """Take a stamped record (``stamp``: its Kafka key, starting with
-        :data:`SEQ_MAGIC`; ``offset``: where it starts in its partition)."""
-        topic, part = key
+        :data:`SEQ_MAGIC` or :data:`~.stamps.FRAME_MAGIC`; ``offset``: where it
+        starts in its partition)."""
         if len(stamp) != _SIZE:
             self._unordered(item, key, offset)
             return
         _, pid, seq, n = _unpack(stamp)
+        self._add(item, key, offset, pid, seq, n, size)
+
+    def _add(
+        self, item: Any, key: TP, offset: int, pid: bytes, seq: int, n: int, size: int
+    ) -> None:
+        topic, part = key
         state = self.states.get((topic, pid))
         if state is None or state.n != n or (state.base + seq) % n != part:
             if not 0 < n <= MAX_ROTATION or part >= n:
@@ -233,7 +342,7 @@ class Sequencer:
             # The common hold (a drain reads partitions one after the other), inline.
             if seq > state.top.get(part, -1):
                 state.top[part] = seq
-            state.held[seq] = (item, key, offset, size)
+            state.held[seq] = item if self.bare else (item, key, offset, size)
             self.held_count += 1
             self.held_bytes += size
             if self.pin:
@@ -318,7 +427,7 @@ class Sequencer:
             state.waiting = True
             state.since = self.now
             self._waiting[id(state)] = state
-        state.held[seq] = (item, key, offset, size)
+        state.held[seq] = item if self.bare else (item, key, offset, size)
         self.held_bytes += size
         self.held_count += 1
         if self.pin:
@@ -358,8 +467,14 @@ class Sequencer:
             del self.pins[key]
             self._unpinned.pop(key, None)
 
+    def _entry(self, state: _State, seq: int, entry: Any) -> tuple[Any, TP, int, int]:
+        """``(item, key, offset, size)`` of a held entry."""
+        if self.bare:
+            return entry, (state.topic, (state.base + seq) % state.n), -1, len(entry[1])
+        return entry  # type: ignore[no-any-return]
+
     def _take(self, state: _State, seq: int) -> None:
-        item, key, offset, size = state.held.pop(seq)
+        item, key, offset, size = self._entry(state, seq, state.held.pop(seq))
         self.held_bytes -= size
         self.held_count -= 1
         if self.pin:
@@ -373,10 +488,16 @@ class Sequencer:
         if not state.mine:
             state.next = seq
             return
-        emit, pin, pop = self.emit, self.pin, held.pop
+        emit, pin, pop, append = self.emit, self.pin, held.pop, self.append
         released = released_bytes = 0
         while True:
             entry = pop(seq, None)
+            if entry is not None and self.bare:
+                released += 1
+                released_bytes += len(entry[1])
+                append(entry)
+                seq += 1
+                continue
             if entry is not None:
                 item, key, offset, size = entry
                 released += 1
@@ -389,7 +510,9 @@ class Sequencer:
                             del self.pins[key]
                     else:
                         self._unpin(key, offset)
-                emit(item, key, offset)
+                    emit(item, key, offset)
+                else:
+                    emit(item, key, offset)
                 seq += 1
                 continue
             part = (base + seq) % n

@@ -51,7 +51,7 @@ from . import errors as kerr
 from .admin import TopicAdmin, partition_count
 from .chunks import RECORD_OVERHEAD, FrameIds, split
 from .settings import delivery_timeout, producer_conf
-from .stamps import Stamper
+from .stamps import Stamper, as_frame
 
 __all__ = ["Publisher"]
 
@@ -360,8 +360,11 @@ class Publisher:
             if self._key is not None:
                 where = (self._key, -1)
             else:
-                where = self._stamps.next(name)
-                self._stamps.taken(name)
+                key, part = self._stamps.next(name)
+                if key is not None:
+                    key = as_frame(key)
+                    self._stamps.taken(name)
+                where = (key, part)
             for chunk, headers in split(data, limit, frame_id):
                 self._produce(name, chunk, headers, where)
         self.chunked_frames += 1

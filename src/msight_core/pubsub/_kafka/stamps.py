@@ -8,6 +8,10 @@ evenly over the partitions (a group balances it) and any reader can tell
 which seqs of a publisher live in the partitions it owns. Each record's key is
 the stamp (:data:`SEQ_STRUCT`: a magic, publisher id, seq, ``n``); the value is
 exactly the published bytes, so raw Kafka consumers see what was published.
+The chunks of a frame split to fit the topic's limit (:mod:`.chunks`) share one
+stamp whose magic is :data:`FRAME_MAGIC` instead: only those records need their
+headers read, so a subscriber reads nothing but the key of every other record
+(and headers stay free for the application, e.g. trace context).
 The key, not a header: it costs librdkafka a copy instead of a header list per
 message on both sides, and delivery reports carry it, so a record re-sent after
 a producer failure keeps its place. (With ``KafkaConfig.ordered`` the key is
@@ -22,10 +26,12 @@ import random
 import struct
 from collections.abc import Callable
 
-__all__ = ["SEQ_MAGIC", "SEQ_STRUCT", "Stamper", "stamp"]
+__all__ = ["FRAME_MAGIC", "SEQ_MAGIC", "SEQ_STRUCT", "Stamper", "as_frame", "stamp"]
 
 #: First bytes of a stamped record's key.
 SEQ_MAGIC = b"\x00msq"
+#: First bytes of the stamp of a split frame's chunks (their headers say which chunk).
+FRAME_MAGIC = b"\x00msf"
 #: magic, publisher id (8 bytes), sequence number, partitions in the publisher's rotation.
 SEQ_STRUCT = struct.Struct(">4s8sQI")
 
@@ -35,6 +41,11 @@ _pack = SEQ_STRUCT.pack
 def stamp(publisher: bytes, seq: int, n: int) -> bytes:
     """The key of a publisher's ``seq``-th record on a topic of ``n`` partitions."""
     return _pack(SEQ_MAGIC, publisher, seq, n)
+
+
+def as_frame(key: bytes) -> bytes:
+    """The stamp ``key`` marked as the stamp of a split frame's chunks."""
+    return FRAME_MAGIC + key[len(SEQ_MAGIC) :]
 
 
 class Stamper:

@@ -369,8 +369,11 @@ class Subscriber:
             self._acked.pop(key, None)
             self._committed.pop(key, None)
             self.acks.pop(key, None)
-        if self._leftover:
-            self._leftover = deque(d for d in self._leftover if (d.topic, d.token[0]) not in keys)
+        if self._leftover and self.grouped:
+            # In place: the inbox appends to this very deque.
+            kept = [d for d in self._leftover if (d.topic, d.token[0]) not in keys]
+            self._leftover.clear()
+            self._leftover.extend(kept)
 
     def _seek(self, name: str, where: Any) -> int:
         keys = [key for key in self._gen if key[0] == name]
