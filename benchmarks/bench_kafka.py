@@ -136,6 +136,9 @@ def _stamp(body: bytearray) -> bytes:
     return bytes(body)
 
 
+WARMUP = b"warm-up"
+
+
 def _latency_of(data: bytes) -> float:
     return time.time() - struct.unpack(">d", data[:8])[0]
 
@@ -150,7 +153,7 @@ def _raw_subscriber(address: str, topic: str, count: int, ready: Any, out: Any) 
     deadline = time.monotonic() + 120
     while len(latencies) < count and time.monotonic() < deadline:
         for msg in consumer.consume(100, 0.5):
-            if msg.error() is None:
+            if msg.error() is None and msg.value() != WARMUP:
                 latencies.append(_latency_of(msg.value()))
     consumer.close()
     out.put(latencies)
@@ -164,7 +167,7 @@ def _msight_subscriber(env: dict[str, str], topic: str, count: int, ready: Any, 
     deadline = time.monotonic() + 120
     while len(latencies) < count and time.monotonic() < deadline:
         message = backend.receive(0.5)
-        if message is not None:
+        if message is not None and message.data != WARMUP:
             latencies.append(_latency_of(message.data))
     out.put((latencies, {k: v for k, v in backend.stats().items() if k.startswith("order")}))
     backend.close()
@@ -194,13 +197,15 @@ def latency(
     rate: float,
     seconds: float,
     clients: tuple[str, ...] = CLIENTS,
+    repeat: int = 1,
 ) -> list:
-    """Rows of (client, p50 ms, p99 ms, max ms, frames received / sent)."""
+    """Rows of (client, p50 ms, p99 ms, max ms, frames received / sent), the
+    clients taking turns, ``repeat`` rounds."""
     ctx = multiprocessing.get_context("spawn")
     count = int(rate * seconds)
     admin = AdminClient({"bootstrap.servers": address})
     rows = []
-    for label in clients:
+    for label in [c for _ in range(repeat) for c in clients]:
         topic = _topic(admin)
         ready, out = ctx.Event(), ctx.Queue()
         if label.startswith("raw"):
@@ -216,12 +221,16 @@ def latency(
         time.sleep(1.0)
         if label.startswith("raw"):
             producer = _raw_producer(address)
+            producer.produce(topic, WARMUP)  # connected and topic known before timing
+            producer.flush(30)
             poll = functools.partial(producer.poll, 0)
             _paced(functools.partial(producer.produce, topic), poll, size, rate, count)
             producer.flush(30)
         else:
             ordered = "ordered" in label
             pub = KafkaPubSub(get_kafka_config(env=env, ordered=ordered))
+            pub.publish(topic, WARMUP)  # connected and topic known before timing
+            pub.flush(30)
             _paced(functools.partial(pub.publish, topic), None, size, rate, count)
             pub.flush(30)
             pub.close()
@@ -256,7 +265,7 @@ def main() -> None:
             size = int(args.size * MiB)
             names = dict(zip(("raw", "msight", "ordered"), CLIENTS, strict=True))
             chosen = tuple(names[c] for c in args.clients.split(","))
-            rows = latency(server.address, env, size, args.rate, args.seconds, chosen)
+            rows = latency(server.address, env, size, args.rate, args.seconds, chosen, args.repeat)
             print(f"\n{args.size:g} MB frames at {args.rate:g} Hz for {args.seconds:g} s "
                   "(subscriber in its own process):")  # fmt: skip
             print(f"{'client':<28}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'received':>11}")

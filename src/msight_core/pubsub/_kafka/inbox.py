@@ -31,6 +31,7 @@ __all__ = ["Inbox"]
 
 TP = tuple  # (topic, partition)
 _MAGICS = (SEQ_MAGIC, FRAME_MAGIC)
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 class Inbox:
@@ -133,7 +134,7 @@ class Inbox:
             safe = pins[0]
         gen = self.gens.get(key)
         if gen is not None:
-            self.out.append(Delivery(key[0], data, (key[1], safe, gen)))
+            self.out.append(_new(Delivery, (key[0], data, (key[1], safe, gen))))
 
     # -- positions ------------------------------------------------------------------------
 

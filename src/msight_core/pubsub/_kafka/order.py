@@ -110,8 +110,9 @@ class Sequencer:
     ) -> None:
         self.wait = wait
         self.append = append
-        # Without pins, held entries are the items themselves (deliveries): no
-        # tuple per held record (they are most records of a drain) for the GC to track.
+        # Without pins, a held entry is just the message's bytes, made a delivery
+        # when handed out: most records of a drain are held a while, and bytes
+        # are no work for Python's cyclic GC (a delivery, a tuple subclass, is).
         self.bare = not pin and append is not None
         self.max_bytes = max_bytes
         self.max_count = max_count
@@ -205,8 +206,8 @@ class Sequencer:
         """
         self.now = time.monotonic()
         pin, emit, slow = self.pin, self.emit, self._add
-        direct = None if pin else self.append
         bare = self.bare
+        direct = self.append if bare else None
         states, max_count = self.states, self.max_count
         unpack, size, magic = _unpack, _SIZE, SEQ_MAGIC
         new, delivery = tuple.__new__, Delivery
@@ -235,17 +236,18 @@ class Sequencer:
             if data is None:
                 data = b""
             offset = m.offset()
-            item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
             if state is None or state.fresh or state.n != n or (state.base + seq) % n != part:
+                item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))  # made, or replaced
                 continue
             expected = state.next
             if seq == expected:
-                if direct is None:
-                    emit(item, key, offset)
+                if direct is not None:
+                    direct(new(delivery, (topic, data, None)))
                 else:
-                    direct(item)
+                    item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
+                    emit(item, key, offset)
                 seq += 1
                 if state.held or (state.base + seq) % n not in state.mask:
                     self._advance(state, seq)
@@ -264,7 +266,7 @@ class Sequencer:
                 if seq > top.get(part, -1):
                     top[part] = seq
                 nbytes = len(data)
-                state.held[seq] = item if bare else (item, key, offset, nbytes)
+                state.held[seq] = data if bare else ((data, offset + 1), key, offset, nbytes)
                 self.held_count += 1
                 self.held_bytes += nbytes
                 if pin:
@@ -278,6 +280,7 @@ class Sequencer:
                 if (state.base + expected) % n == part:
                     self._advance(state, expected)  # a later one came in its partition
             else:
+                item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))
         self.flush_batch()
@@ -342,7 +345,7 @@ class Sequencer:
             # The common hold (a drain reads partitions one after the other), inline.
             if seq > state.top.get(part, -1):
                 state.top[part] = seq
-            state.held[seq] = item if self.bare else (item, key, offset, size)
+            state.held[seq] = item[1] if self.bare else (item, key, offset, size)
             self.held_count += 1
             self.held_bytes += size
             if self.pin:
@@ -427,7 +430,7 @@ class Sequencer:
             state.waiting = True
             state.since = self.now
             self._waiting[id(state)] = state
-        state.held[seq] = item if self.bare else (item, key, offset, size)
+        state.held[seq] = item[1] if self.bare else (item, key, offset, size)
         self.held_bytes += size
         self.held_count += 1
         if self.pin:
@@ -470,7 +473,8 @@ class Sequencer:
     def _entry(self, state: _State, seq: int, entry: Any) -> tuple[Any, TP, int, int]:
         """``(item, key, offset, size)`` of a held entry."""
         if self.bare:
-            return entry, (state.topic, (state.base + seq) % state.n), -1, len(entry[1])
+            item = Delivery(state.topic, entry, None)
+            return item, (state.topic, (state.base + seq) % state.n), -1, len(entry)
         return entry  # type: ignore[no-any-return]
 
     def _take(self, state: _State, seq: int) -> None:
@@ -489,13 +493,14 @@ class Sequencer:
             state.next = seq
             return
         emit, pin, pop, append = self.emit, self.pin, held.pop, self.append
+        bare, topic, new = self.bare, state.topic, tuple.__new__
         released = released_bytes = 0
         while True:
             entry = pop(seq, None)
-            if entry is not None and self.bare:
+            if entry is not None and bare:
                 released += 1
-                released_bytes += len(entry[1])
-                append(entry)
+                released_bytes += len(entry)
+                append(new(Delivery, (topic, entry, None)))
                 seq += 1
                 continue
             if entry is not None:
