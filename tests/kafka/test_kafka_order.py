@@ -19,7 +19,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from msight_core.pubsub import KafkaPubSub
-from msight_core.pubsub._kafka.chunks import CHUNK_HEADER, CHUNK_STRUCT
+from msight_core.pubsub._kafka.chunks import (
+    CHUNK_HEADER,
+    CHUNK_STRUCT,
+    FRAME_TIMEOUT,
+    MAX_OPEN_FRAMES,
+)
 from msight_core.pubsub._kafka.stamps import stamp
 from msight_core.pubsub.utils import get_kafka_config
 from msight_core.testing.conformance import collect
@@ -211,3 +216,49 @@ def test_forged_chunks_are_bounded_and_the_next_valid_message_arrives(
     again = backends(group_id=group)
     again.subscribe(unique_topic)
     assert again.receive(2.0) is None
+
+
+def test_hundreds_of_forged_frames_that_fit_are_capped_and_pin_no_offset_for_good(
+    kafka_server: Any, backends: Callable[..., KafkaPubSub], unique_topic: str
+) -> None:
+    """Issue 15 row 4, the frames a subscriber would hold: 300 forged first chunks
+    of 256 KiB that each claim a 2-chunk frame within every bound. Unfinished
+    frames are capped per partition and in bytes (counted drops), the valid
+    messages behind them arrive, and once the last open frame timed out the
+    committed offset moves past all of them."""
+    _create(kafka_server.address, unique_topic, 3, **{"max.message.bytes": str(2 * MiB)})
+    group = "g-" + unique_topic.replace(".", "-")
+    queue = get_kafka_config(env={"MSIGHT_QUEUE_MAX_BYTES": str(16 * MiB)}).queue
+    sub = backends(group_id=group, max_message_bytes=8 * MiB, queue=queue)
+    sub.subscribe(unique_topic)
+    raw = _raw_producer(kafka_server.address)
+    chunk = os.urandom(256 * 1024)
+    for i in range(300):
+        header = CHUNK_STRUCT.pack(os.urandom(16), 0, 2, 2 * len(chunk) - 1)
+        raw.produce(unique_topic, chunk, None, i % 3, headers=[(CHUNK_HEADER, header)])
+        if i % 50 == 0:
+            raw.flush(10)
+    raw.flush(30)
+    pub = backends()
+    valid = [b"valid-%d" % i for i in range(6)]
+    for payload in valid:
+        pub.publish(unique_topic, payload)
+    pub.flush(30)
+    assert [m.data for m in collect(sub, len(valid), 60)] == valid
+    dropped = sub.stats()["incomplete_frames_dropped"]
+    # At most MAX_OPEN_FRAMES (8) per partition, and 16 MiB (64 frames) in all, stay open.
+    assert dropped >= 300 - 3 * MAX_OPEN_FRAMES, dropped
+    # The open ones time out (FRAME_TIMEOUT); later messages are then committed past them.
+    deadline = time.monotonic() + FRAME_TIMEOUT + 15
+    while sub.stats()["incomplete_frames_dropped"] < 300 and time.monotonic() < deadline:
+        sub.receive(0.5)
+    assert sub.stats()["incomplete_frames_dropped"] == 300
+    after = [b"after-%d" % i for i in range(6)]
+    for payload in after:
+        pub.publish(unique_topic, payload)
+    pub.flush(30)
+    assert [m.data for m in collect(sub, len(after), 30)] == after
+    sub.close()
+    again = backends(group_id=group)
+    again.subscribe(unique_topic)
+    assert again.receive(2.0) is None  # nothing pinned: everything was committed
