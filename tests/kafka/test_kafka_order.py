@@ -262,3 +262,38 @@ def test_hundreds_of_forged_frames_that_fit_are_capped_and_pin_no_offset_for_goo
     again = backends(group_id=group)
     again.subscribe(unique_topic)
     assert again.receive(2.0) is None  # nothing pinned: everything was committed
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["broadcast", "group"])
+def test_wildcard_picks_up_a_topic_created_after_subscribing(
+    kafka_server: Any, backends: Callable[..., KafkaPubSub], unique_topic: str, grouped: bool
+) -> None:
+    """Issue 20 item 5 on Kafka: ``camera1.>`` and ``camera1.*.frames`` follow topics
+    that appear later (within the metadata refresh interval, plus a rebalance for a
+    group), from their first message, in order, with the real topic on each message,
+    and whole tokens only."""
+    existing = f"{unique_topic}.cam.frames"
+    _create(kafka_server.address, existing, 3)
+    group = "g-" + unique_topic.replace(".", "-") if grouped else None
+    sub = backends(group_id=group)
+    sub.subscribe(f"{unique_topic}.*.frames")
+    sub.subscribe(f"{unique_topic}.deep.>")
+    pub = backends()
+    later = [f"{unique_topic}.late.frames", f"{unique_topic}.deep.a.b"]
+    unwanted = [f"{unique_topic}.late.frames.x", f"{unique_topic}x.deep.a", f"{unique_topic}.deep"]
+    for name in [*later, *unwanted]:  # created now, after the subscriptions
+        _create(kafka_server.address, name, 3)
+    for i in range(50):
+        for name in [existing, *later, *unwanted]:
+            pub.publish(name, f"{name}:{i}".encode())
+    pub.flush(30)
+    got: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 45
+    while sum(map(len, got.values())) < 150 and time.monotonic() < deadline:
+        message = sub.receive(0.5)
+        if message is not None:
+            name, _, i = message.data.decode().rpartition(":")
+            assert message.topic == name
+            got.setdefault(name, []).append(int(i))
+    assert got == {name: list(range(50)) for name in [existing, *later]}
+    assert sub.receive(1.0) is None

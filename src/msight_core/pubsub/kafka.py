@@ -92,7 +92,7 @@ class KafkaPubSub(QueueBackend):
     """
 
     capabilities = Capabilities(
-        broadcast=True, groups=True, persistent=True, ordered=True, max_payload=None
+        broadcast=True, groups=True, persistent=True, ordered=True, max_payload=None, patterns=True
     )
 
     def __init__(self, config: KafkaConfig | None = None) -> None:
@@ -139,6 +139,18 @@ class KafkaPubSub(QueueBackend):
             raise
         except Exception as exc:
             raise translate(exc, f"subscribing to {name!r}") from exc
+
+    def _subscribe_pattern(self, pattern: str) -> None:
+        try:
+            if self._subscriber is None:
+                self._subscriber = Subscriber(self.config, self._queue)
+                self._acks = self._subscriber.acks
+                self._generations = self._subscriber.generations
+            self._subscriber.subscribe_pattern(pattern)
+        except MsightError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"subscribing to {pattern!r}") from exc
 
     def _publish(self, name: str, data: bytes) -> None:
         publisher = self._publisher

@@ -20,8 +20,9 @@ Built on confluent-kafka (librdkafka); importing this package without it raises
     The wire format of frames split to fit a topic's limit (``msight.chunk``
     header), the splitter and the bounded :class:`~.chunks.Reassembler`.
 ``stamps``
-    The sequence stamp in each record's key and the publisher's
-    :class:`~.stamps.Stamper` (seq and partition rotation per topic).
+    The sequence stamp in each record's key (a split frame's chunks share one,
+    with its own magic) and the publisher's :class:`~.stamps.Stamper` (seq and
+    partition rotation per topic).
 ``order``
     The subscriber's :class:`~.order.Sequencer`: each publisher's order
     restored among the partitions owned here (bounded hold-back).
@@ -31,6 +32,11 @@ Built on confluent-kafka (librdkafka); importing this package without it raises
 ``inbox``
     :class:`~.inbox.Inbox`: fetched records to deliveries (reassembly, order,
     commit-safe tokens), on the consumer thread.
+``patterns``
+    Wildcard subscriptions: :func:`~.patterns.kafka_regex` (a Kafka regex with
+    msight's token semantics) and :class:`~.patterns.Patterns`.
+``positions``
+    Where a consumer starts: committed, earliest or latest offsets; replay targets.
 ``subscriber``
     :class:`~.subscriber.Subscriber`: the consumer thread feeding the receive
     queue, assignment, pausing, offsets committed only for processed messages.

@@ -10,6 +10,10 @@ confluent-kafka object is shared between threads. Other threads post commands.
   owns a partition later starts from the same place.
 * Without one, the instance assigns itself every partition (no group: each
   subscriber gets everything) and commits nothing.
+* Wildcard patterns (:mod:`.patterns`): a group member subscribes with a Kafka
+  regex; a broadcast subscriber lists the cluster's topics every metadata
+  refresh interval and assigns those that match. Topics that appear later are
+  read from their start.
 * Messages go to the :class:`~.._core.ReceiveQueue` only while it has room; when
   it is full the partitions are paused (backpressure, nothing dropped).
 * Offsets are committed only for messages the application acknowledged
@@ -32,21 +36,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    OFFSET_END,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from ...config import KafkaConfig
 from ...errors import BrokerUnavailableError, ConfigError, MsightError
 from .._core import Delivery, ReceiveQueue
 from .errors import TOPIC_MISSING, translate
 from .inbox import Inbox
-from .settings import consumer_conf, unique_group_id
+from .patterns import Patterns, kafka_regex
+from .positions import seek_targets, start_positions
+from .settings import METADATA_REFRESH_MS, consumer_conf, unique_group_id
 
 __all__ = ["Subscriber"]
 
@@ -90,6 +89,11 @@ class Subscriber:
         self._topics: list[str] = []
         self._from_start: set[str] = set()  # topics this instance saw created
         self._pending: set[str] = set()  # ungrouped: topics that do not exist yet
+        self._known: set[str] = set()  # ungrouped: topics assigned here
+        self._patterns = Patterns()
+        refresh = self.consumer_setting("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
+        self._refresh = max(0.1, float(refresh) / 1000)
+        self._last_scan = time.monotonic()
         self._gen: dict[TP, int] = {}  # assigned partitions -> generation
         self._next_gen = 0
         self._assign_count = 0
@@ -160,6 +164,32 @@ class Subscriber:
                 if now >= deadline:
                     raise BrokerUnavailableError(
                         f"Kafka: no partition assignment for topic {name!r} in group "
+                        f"{self.config.group_id!r} within {bound:g}s"
+                    )
+                self._cond.wait(min(deadline - now, 0.2))
+
+    def subscribe_pattern(self, pattern: str) -> None:
+        """Follow every topic ``pattern`` matches, now and later.
+
+        Returns once the topics that match now are assigned (for a group member:
+        once the group rebalanced; at once when nothing matches yet).
+
+        Raises:
+            BrokerUnavailableError: no assignment within the bound.
+        """
+        if not self.grouped:
+            self.call(lambda: self._watch(pattern), self._timeout * 3 + 5)
+            return
+        session = float(self.consumer_setting("session.timeout.ms", 45000)) / 1000
+        bound = 3 * session + self._timeout
+        before, matched = self.call(lambda: self._watch_group(pattern), self._timeout + 5)
+        deadline = time.monotonic() + bound
+        with self._cond:
+            while matched and self._assign_count <= before:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise BrokerUnavailableError(
+                        f"Kafka: no partition assignment for pattern {pattern!r} in group "
                         f"{self.config.group_id!r} within {bound:g}s"
                     )
                 self._cond.wait(min(deadline - now, 0.2))
@@ -241,6 +271,8 @@ class Subscriber:
             self._last_pending_check = now
             for name in list(self._pending):
                 self._assign_all(name)
+        if self._patterns and not self.grouped and now - self._last_scan >= self._refresh:
+            self._scan()
         if self._wake is not None and now >= self._wake or self.inbox.pending:
             self._wake = self.inbox.tick(now, self._paused)
 
@@ -268,6 +300,33 @@ class Subscriber:
         )
         return before
 
+    def _topic_names(self, timeout: float) -> list[str]:
+        metadata = self.consumer.list_topics(timeout=timeout)
+        return [n for n, t in metadata.topics.items() if t.error is None and not n.startswith("__")]
+
+    def _watch_group(self, pattern: str) -> tuple[int, bool]:
+        existing = self._topic_names(self._timeout)
+        self._patterns.add(pattern, existing)
+        matcher = Patterns()
+        matcher.add(pattern, ())
+        return self._subscribe_group(kafka_regex(pattern)), any(map(matcher.matches, existing))
+
+    def _watch(self, pattern: str) -> None:
+        self._patterns.add(pattern, self._topic_names(self._timeout))
+        self._scan()
+
+    def _scan(self) -> None:
+        """Broadcast: assign the topics that match a pattern and are not assigned yet."""
+        self._last_scan = time.monotonic()
+        try:
+            names = self._topic_names(min(1.0, self._timeout))
+        except (KafkaException, RuntimeError) as exc:
+            logger.debug("listing Kafka topics for wildcard subscriptions failed: %s", exc)
+            return
+        for name in sorted(names):
+            if name not in self._known and self._patterns.matches(name):
+                self._assign_all(name)
+
     def _assign_all(self, name: str) -> None:
         metadata = self.consumer.list_topics(name, timeout=self._timeout)
         topic = metadata.topics.get(name)
@@ -280,47 +339,21 @@ class Subscriber:
                 self._from_start.add(name)  # everything in it is newer than subscribe()
             return
         self._pending.discard(name)
+        self._known.add(name)
         parts = [TopicPartition(name, p) for p in sorted(topic.partitions)]
         parts = self._positions(parts, commit=False)
         self.consumer.incremental_assign(parts)
         self._took(parts)
 
     def _positions(self, parts: list[TopicPartition], commit: bool) -> list[TopicPartition]:
-        """Concrete start offsets: committed, else earliest/latest resolved now."""
-        if commit:
-            parts = self.consumer.committed(parts, timeout=self._timeout)
-        else:
-            parts = [TopicPartition(p.topic, p.partition) for p in parts]
-        missing = [p for p in parts if p.offset < 0]
-        if missing:
-            query = []
-            for p in missing:
-                earliest = p.topic in self._from_start or self.config.start == "earliest"
-                query.append(TopicPartition(p.topic, p.partition, -2 if earliest else -1))
-            try:
-                resolved = self.consumer.offsets_for_times(query, timeout=self._timeout)
-            except KafkaException as exc:
-                logger.warning("could not resolve Kafka start offsets (%s); using reset", exc)
-                for p, q in zip(missing, query, strict=True):
-                    p.offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
-                return parts
-            by_key = {(r.topic, r.partition): r.offset for r in resolved}
-            for p, q in zip(missing, query, strict=True):
-                offset = by_key.get((p.topic, p.partition), -1)
-                if offset < 0:
-                    offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
-                p.offset = offset
-            fixed = [
-                TopicPartition(p.topic, p.partition, p.offset) for p in missing if p.offset >= 0
-            ]
-            if commit and fixed:
-                # Later owners of these partitions start here too, so nothing
-                # published during a rebalance is skipped by "latest".
-                try:
-                    self.consumer.commit(offsets=fixed, asynchronous=False)
-                except KafkaException as exc:
-                    logger.warning("could not commit Kafka start offsets: %s", exc)
-        return parts
+        def earliest(topic: str) -> bool:
+            return (
+                topic in self._from_start
+                or self.config.start == "earliest"
+                or self._patterns.is_new(topic)  # appeared after its pattern
+            )
+
+        return start_positions(self.consumer, parts, commit, earliest, self._timeout)
 
     def _took(self, parts: list[TopicPartition], rebalance: bool = True) -> None:
         self.inbox.assign(key_of(p) for p in parts)
@@ -348,7 +381,8 @@ class Subscriber:
 
     def _reachable(self) -> bool:
         """True if a broker answers a metadata request within a second."""
-        topic = self._topics[0] if self._topics else None
+        # A named topic (not a regex: that would be looked up, or created, by name).
+        topic = next((t for t in self._topics if not t.startswith("^")), None)
         try:
             self.consumer.list_topics(topic, timeout=min(1.0, self._timeout))
         except (KafkaException, RuntimeError):
@@ -379,18 +413,7 @@ class Subscriber:
         keys = [key for key in self._gen if key[0] == name]
         if not keys:
             return 0
-        if isinstance(where, str):
-            query = [TopicPartition(t, p, -2 if where == "earliest" else -1) for t, p in keys]
-        elif isinstance(where, float):
-            query = [TopicPartition(t, p, int(where * 1000)) for t, p in keys]
-        else:
-            query = [TopicPartition(t, p, int(where)) for t, p in keys]
-        if not isinstance(where, int):
-            query = self.consumer.offsets_for_times(query, timeout=self._timeout)
-        targets = [
-            TopicPartition(q.topic, q.partition, q.offset if q.offset >= 0 else OFFSET_END)
-            for q in query
-        ]
+        targets = seek_targets(self.consumer, keys, where, self._timeout)
         # Deliveries from the old position still queued are skipped (new generation).
         self._drop(targets)
         self.inbox.rewind(name)
