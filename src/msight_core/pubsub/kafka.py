@@ -49,12 +49,24 @@ Subscribing
     afterwards are delivered. An offset is committed only after the application
     has taken the message from ``listen()`` and come back for the next one
     (and on ``close()``), so a crashed subscriber gets the unprocessed messages
-    again. A full receive queue pauses the partitions instead of dropping:
-    the configured overflow policy is not used (Kafka keeps the backlog).
+    again, and when partitions move to another member (one leaves or joins)
+    the new owner starts where the group's processing ended: no gap, possibly
+    duplicates (what the old owner fetched but did not process). A full
+    receive queue pauses the partitions instead of dropping: the configured
+    overflow policy is not used (Kafka keeps the backlog).
+
+Wildcards
+    ``subscribe("camera1.*")`` / ``subscribe("camera1.>")`` follow every
+    matching topic (whole tokens, as on NATS): a group member through a Kafka
+    regex subscription, a subscriber without a group by listing the cluster's
+    topics. A topic created later is picked up at the next metadata refresh
+    (2 s, ``topic.metadata.refresh.interval.ms``; plus a rebalance for a group
+    member) and read from its first message. Each message's ``topic`` is the
+    topic it was published to.
 
 This module is the public facade; the machinery is in the private package
-``msight_core.pubsub._kafka`` (settings, errors, admin, chunks, publisher,
-subscriber).
+``msight_core.pubsub._kafka`` (settings, errors, admin, chunks, stamps,
+order, inbox, patterns, positions, publisher, subscriber).
 """
 
 from __future__ import annotations
