@@ -34,14 +34,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._core import Delivery
-from .stamps import SEQ_MAGIC, SEQ_STRUCT
+from .batches import MAX_AHEAD, Batches
+from .stamps import SEQ_STRUCT
 
 __all__ = ["FIRST_WAIT", "MAX_AHEAD", "MAX_ROTATION", "Sequencer"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
-#: Seqs a record may run ahead of the next expected one and still be held for order.
-MAX_AHEAD = 65536
 #: Partitions a rotation may name (Kafka allows fewer than this per topic in practice).
 MAX_ROTATION = 4096
 #: Publisher states kept per subscriber; idle ones are forgotten first.
@@ -81,7 +80,7 @@ class _State:
         self.last = 0.0
 
 
-class Sequencer:
+class Sequencer(Batches):
     """Restores each publisher's order among the partitions this subscriber owns.
 
     Args:
@@ -188,102 +187,6 @@ class Sequencer:
                 del self.states[sid]
 
     # -- records ----------------------------------------------------------------------
-
-    def take(self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]) -> None:
-        """Take a fetched batch of Kafka records, in order, and end it.
-
-        Records with a plain stamp (:data:`SEQ_MAGIC`) are ordered here; every
-        other record (errors, unstamped, chunks of split frames) goes to
-        ``other(record)`` in its turn. Records of partitions not in ``gens``
-        (revoked meanwhile) are skipped. Items are made here: ``(value, offset + 1)``
-        with ``pin``, else a :class:`~.._core.Delivery`, handed to ``append``.
-
-        This is the drain's hot loop, hence written for speed: the stamp is one
-        ``struct`` unpack, the publisher's state is looked up once per run of
-        records of one publisher in one partition (Kafka hands out such runs),
-        and the two common cases (the next one in turn; one to hold while the
-        next one is awaited from another partition) are handled inline.
-        """
-        self.now = time.monotonic()
-        pin, emit, slow = self.pin, self.emit, self._add
-        bare = self.bare
-        direct = self.append if bare else None
-        states, max_count = self.states, self.max_count
-        unpack, size, magic = _unpack, _SIZE, SEQ_MAGIC
-        new, delivery = tuple.__new__, Delivery
-        last_part, last_pid, last_topic = -1, b"", ""
-        key: TP = ("", -1)
-        state: _State | None = None
-        for m in msgs:
-            stamp = m.key()
-            if stamp is None or len(stamp) != size:
-                other(m)
-                continue
-            tag, pid, seq, n = unpack(stamp)
-            if tag != magic:
-                other(m)
-                continue
-            part = m.partition()
-            topic = m.topic()
-            if part != last_part or pid != last_pid or topic != last_topic:
-                key = (topic, part)
-                if key not in gens:
-                    last_part = -1
-                    continue
-                state = states.get((topic, pid))
-                last_part, last_pid, last_topic = part, pid, topic
-            data = m.value()
-            if data is None:
-                data = b""
-            offset = m.offset()
-            if state is None or state.fresh or state.n != n or (state.base + seq) % n != part:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
-                slow(item, key, offset, pid, seq, n, len(data))
-                state = states.get((topic, pid))  # made, or replaced
-                continue
-            expected = state.next
-            if seq == expected:
-                if direct is not None:
-                    direct(new(delivery, (topic, data, None)))
-                else:
-                    item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
-                    emit(item, key, offset)
-                seq += 1
-                if state.held or (state.base + seq) % n not in state.mask:
-                    self._advance(state, seq)
-                else:
-                    state.next = seq
-            elif (
-                state.waiting
-                and expected is not None
-                and expected < seq <= expected + MAX_AHEAD
-                and seq not in state.held
-                and self.held_count < max_count
-            ):
-                # Held while the next one is awaited (a drain reads one partition
-                # after another): the same as add(), inline.
-                top = state.top
-                if seq > top.get(part, -1):
-                    top[part] = seq
-                nbytes = len(data)
-                state.held[seq] = data if bare else ((data, offset + 1), key, offset, nbytes)
-                self.held_count += 1
-                self.held_bytes += nbytes
-                if pin:
-                    pins = self.pins.get(key)
-                    if pins is not None and pins[-1] < offset:
-                        pins.append(offset)
-                    else:
-                        self._pin(key, offset)
-                if self.held_bytes > self.max_bytes:
-                    self._shed()
-                if (state.base + expected) % n == part:
-                    self._advance(state, expected)  # a later one came in its partition
-            else:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None))
-                slow(item, key, offset, pid, seq, n, len(data))
-                state = states.get((topic, pid))
-        self.flush_batch()
 
     def add(self, item: Any, key: TP, offset: int, stamp: bytes, size: int) -> None:
         """Take a stamped record (``stamp``: its Kafka key, starting with
