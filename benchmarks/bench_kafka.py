@@ -56,9 +56,10 @@ def _raw_producer(address: str) -> Producer:
     )
 
 
-def _raw_consumer(address: str) -> Consumer:
+def _raw_consumer(address: str, **extra: Any) -> Consumer:
     return Consumer(
         {
+            **extra,
             "bootstrap.servers": address,
             "group.id": uuid.uuid4().hex,
             "enable.auto.commit": False,
@@ -143,8 +144,10 @@ def _latency_of(data: bytes) -> float:
     return time.time() - struct.unpack(">d", data[:8])[0]
 
 
-def _raw_subscriber(address: str, topic: str, count: int, ready: Any, out: Any) -> None:
-    consumer = _raw_consumer(address)
+def _raw_subscriber(
+    address: str, topic: str, count: int, ready: Any, out: Any, fetch_wait_ms: int = 500
+) -> None:
+    consumer = _raw_consumer(address, **{"fetch.wait.max.ms": fetch_wait_ms})
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in parts])
     consumer.consume(1, 1.0)  # positions resolved
@@ -187,7 +190,12 @@ def _paced(publish: Any, poll: Any, size: int, rate: float, count: int) -> None:
             time.sleep(pause)
 
 
-CLIENTS = ("raw confluent-kafka", "KafkaPubSub", "KafkaPubSub ordered=true")
+CLIENTS = (
+    "raw confluent-kafka",
+    "raw, fetch.wait.max.ms=10",  # msight's setting: tansu holds an empty fetch that long
+    "KafkaPubSub",
+    "KafkaPubSub ordered=true",
+)
 
 
 def latency(
@@ -210,7 +218,8 @@ def latency(
         ready, out = ctx.Event(), ctx.Queue()
         if label.startswith("raw"):
             target: Any = _raw_subscriber
-            args: tuple = (address, topic, count, ready, out)
+            wait = 10 if "fetch.wait" in label else 500
+            args: tuple = (address, topic, count, ready, out, wait)
         else:
             target = _msight_subscriber
             sub_env = {**env, "MSIGHT_KAFKA_ORDERED": "true" if "ordered" in label else "false"}
@@ -252,7 +261,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=30.0, help="latency frames per second")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each drain and latency case")
-    parser.add_argument("--clients", default="raw,msight,ordered", help="latency: which clients")
+    parser.add_argument(
+        "--clients", default="raw,rawfast,msight,ordered", help="latency: which clients"
+    )
     parser.add_argument("--set", action="append", default=[], help="extra MSIGHT_*=value")
     args = parser.parse_args()
     with KafkaServer() as server:
@@ -263,7 +274,7 @@ def main() -> None:
             throughput(server.address, env, args.count, args.frames, args.repeat)
         if args.only != "throughput":
             size = int(args.size * MiB)
-            names = dict(zip(("raw", "msight", "ordered"), CLIENTS, strict=True))
+            names = dict(zip(("raw", "rawfast", "msight", "ordered"), CLIENTS, strict=True))
             chosen = tuple(names[c] for c in args.clients.split(","))
             rows = latency(server.address, env, size, args.rate, args.seconds, chosen, args.repeat)
             print(f"\n{args.size:g} MB frames at {args.rate:g} Hz for {args.seconds:g} s "
