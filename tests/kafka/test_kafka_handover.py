@@ -93,3 +93,39 @@ def test_group_handover_loses_nothing_twenty_times(kafka_server: Any, unique_top
     assert not gaps, gaps
     # At-least-once, but close() committed what was processed: few come again.
     assert sum(r["duplicates"] for r in results) <= ROUNDS, results
+
+
+def test_a_rebalance_while_the_receive_queue_is_full_strands_nothing(
+    kafka_server: Any, unique_topic: str
+) -> None:
+    """A member whose receive queue is full (its reader keeps the overflow and
+    pauses) goes through a rebalance: what it fetches afterwards must still reach
+    the application (the reader once swapped the overflow buffer the inbox
+    appends to, so every later message of that member was stranded)."""
+    env = {**kafka_server.env(), **ENV, "MSIGHT_QUEUE_MAX_MESSAGES": "5"}
+    group = "g-" + unique_topic.replace(".", "-")
+    pub = KafkaPubSub(get_kafka_config(env=env))
+    first = KafkaPubSub(get_kafka_config(group, env=env))
+    second = KafkaPubSub(get_kafka_config(group, env=env))
+    try:
+        first.subscribe(unique_topic)
+        sent = [b"q-%d" % i for i in range(120)]
+        for payload in sent[:60]:
+            pub.publish(unique_topic, payload)
+        pub.flush(30)
+        time.sleep(1.0)  # the first member's queue fills up; the rest waits in its reader
+        second.subscribe(unique_topic)  # a rebalance while the first one's queue is full
+        for payload in sent[60:]:
+            pub.publish(unique_topic, payload)
+        pub.flush(30)
+        got: set[bytes] = set()
+        deadline = time.monotonic() + 40
+        while got != set(sent) and time.monotonic() < deadline:
+            for member in (first, second):
+                message = member.receive(0.1)
+                if message is not None:
+                    got.add(message.data)
+        assert got == set(sent), sorted(set(sent) - got)[:10]
+    finally:
+        for backend in (first, second, pub):
+            backend.close()

@@ -364,8 +364,12 @@ class Subscriber:
             if rebalance:
                 self._assign_count += 1
                 self.rebalances += 1
-                self._paused = False
             self._cond.notify_all()
+        if rebalance and parts:
+            # librdkafka keeps a partition's pause across a re-assignment: give the
+            # new ones the state of the rest, which the reader loop then changes
+            # as one (a partition left paused would never be read again).
+            (self.consumer.pause if self._paused else self.consumer.resume)(parts)
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         try:
