@@ -19,11 +19,9 @@ import logging
 import threading
 import time
 from abc import abstractmethod
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator
 from enum import Enum
-from itertools import accumulate
 from operator import itemgetter
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -224,19 +222,13 @@ class ReceiveQueue:
             # Batches stay small in bytes too, so big frames are still handed out
             # one at a time and the queue's byte bound keeps meaning something.
             items = self._items
-            if len(items) <= limit:
-                batch = list(items)
-                items.clear()
-            else:
-                popleft = items.popleft
-                batch = [popleft() for _ in range(limit)]
-            # Up to the first message that reaches _BATCH_BYTES; the rest goes back.
-            totals = list(accumulate(map(len, map(_data, batch))))
-            end = bisect_left(totals, _BATCH_BYTES) + 1
-            if end < len(batch):
-                items.extendleft(reversed(batch[end:]))
-                del batch[end:]
-            self._bytes -= totals[len(batch) - 1]
+            batch = [items.popleft()]
+            size = len(batch[0].data)
+            while items and len(batch) < limit and size < _BATCH_BYTES:
+                item = items.popleft()
+                size += len(item.data)
+                batch.append(item)
+            self._bytes -= size
             if self.config.overflow is OverflowPolicy.BLOCK:
                 self._cond.notify_all()
             return batch
