@@ -1,22 +1,32 @@
 """KafkaPubSub against raw confluent-kafka on the same tansu broker, in one run.
 
-Usage: ``python benchmarks/bench_kafka.py [--count 100000] [--frames 40]``
+Usage: ``python benchmarks/bench_kafka.py [--count 100000] [--frames 40]
+[--only throughput|latency] [--size 2] [--rate 30] [--seconds 10] [--repeat 3]``
 
-Measures, for 1 KB messages, the produce rate (publish + flush) and the consume
-rate (reading a topic that already holds the messages), and for 1 MB and 4 MB
-frames the end-to-end throughput. Raw confluent-kafka uses the same reliability
-settings (idempotent, ``acks=all``) and polls delivery reports every 1000
-messages, as a careful application would.
+Throughput: for 1 KB messages, the produce rate (publish + flush) and the drain
+rate (reading a topic that already holds the messages, as a broadcast
+subscriber and as a group member), and for 1 MB and 4 MB frames the throughput.
+Latency: frames of ``--size`` MB published at ``--rate`` Hz for ``--seconds``,
+the subscriber in its own process; latency from a timestamp written into the
+frame just before publishing to the subscriber holding it. Raw confluent-kafka
+uses the same reliability settings (idempotent, ``acks=all``, ``linger.ms=5``)
+and polls delivery reports every 1000 messages, as a careful application would;
+its consumer reads with ``consume()`` in one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
+import statistics
+import struct
 import time
 import uuid
+from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from msight_core.pubsub import KafkaPubSub
@@ -33,8 +43,8 @@ def _topic(admin: AdminClient, partitions: int = 6) -> str:
     return name
 
 
-def raw_produce(address: str, topic: str, payload: bytes, count: int) -> float:
-    producer = Producer(
+def _raw_producer(address: str) -> Producer:
+    return Producer(
         {
             "bootstrap.servers": address,
             "enable.idempotence": True,
@@ -44,6 +54,23 @@ def raw_produce(address: str, topic: str, payload: bytes, count: int) -> float:
             "queue.buffering.max.kbytes": 256 * 1024,
         }
     )
+
+
+def _raw_consumer(address: str, **extra: Any) -> Consumer:
+    return Consumer(
+        {
+            **extra,
+            "bootstrap.servers": address,
+            "group.id": uuid.uuid4().hex,
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 80 * MiB,
+            "receive.message.max.bytes": 90 * MiB,
+        }
+    )
+
+
+def raw_produce(address: str, topic: str, payload: bytes, count: int) -> float:
+    producer = _raw_producer(address)
     started = time.perf_counter()
     for i in range(count):
         while True:
@@ -59,15 +86,7 @@ def raw_produce(address: str, topic: str, payload: bytes, count: int) -> float:
 
 
 def raw_consume(address: str, topic: str, count: int) -> float:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": address,
-            "group.id": uuid.uuid4().hex,
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 80 * MiB,
-            "receive.message.max.bytes": 90 * MiB,
-        }
-    )
+    consumer = _raw_consumer(address)
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, -2) for p in parts])
     got = 0
@@ -82,8 +101,10 @@ def raw_consume(address: str, topic: str, count: int) -> float:
     return elapsed
 
 
-def msight_produce(env: dict[str, str], topic: str, payload: bytes, count: int) -> float:
-    backend = KafkaPubSub(get_kafka_config(env=env))
+def msight_produce(
+    env: dict[str, str], topic: str, payload: bytes, count: int, ordered: bool = False
+) -> float:
+    backend = KafkaPubSub(get_kafka_config(env=env, ordered=ordered))
     backend.publish(topic, payload)  # learn the topic outside the timing
     backend.flush()
     started = time.perf_counter()
@@ -108,45 +129,237 @@ def msight_consume(env: dict[str, str], topic: str, count: int, group: bool = Fa
     return elapsed
 
 
+# -- latency: paced frames, subscriber in its own process --------------------------------
+
+
+def _stamp(body: bytearray) -> bytes:
+    body[:8] = struct.pack(">d", time.time())
+    return bytes(body)
+
+
+WARMUP = b"warm-up"
+
+
+def _latency_of(data: bytes) -> float:
+    return time.time() - struct.unpack(">d", data[:8])[0]
+
+
+def _raw_subscriber(
+    address: str, topic: str, count: int, ready: Any, out: Any, fetch_wait_ms: int = 500
+) -> None:
+    consumer = _raw_consumer(address, **{"fetch.wait.max.ms": fetch_wait_ms})
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in parts])
+    consumer.consume(1, 1.0)  # positions resolved
+    ready.set()
+    latencies: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(latencies) < count and time.monotonic() < deadline:
+        for msg in consumer.consume(100, 0.5):
+            if msg.error() is None and msg.value() != WARMUP:
+                latencies.append(_latency_of(msg.value()))
+    consumer.close()
+    out.put(latencies)
+
+
+def _msight_subscriber(env: dict[str, str], topic: str, count: int, ready: Any, out: Any) -> None:
+    backend = KafkaPubSub(get_kafka_config(env=env))
+    backend.subscribe(topic)
+    ready.set()
+    latencies: list[float] = []
+    deadline = time.monotonic() + 120
+    while len(latencies) < count and time.monotonic() < deadline:
+        message = backend.receive(0.5)
+        if message is not None and message.data != WARMUP:
+            latencies.append(_latency_of(message.data))
+    out.put((latencies, {k: v for k, v in backend.stats().items() if k.startswith("order")}))
+    backend.close()
+
+
+def _paced(publish: Any, poll: Any, size: int, rate: float, count: int) -> None:
+    body = bytearray(os.urandom(size))
+    period = 1.0 / rate
+    due = time.monotonic()
+    for _ in range(count):
+        publish(_stamp(body))
+        if poll is not None:
+            poll()
+        due += period
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+
+
+CLIENTS = (
+    "raw confluent-kafka",
+    "raw, fetch.wait.max.ms=10",  # msight's setting: tansu holds an empty fetch that long
+    "KafkaPubSub",
+    "KafkaPubSub ordered=true",
+)
+
+
+def latency(
+    address: str,
+    env: dict[str, str],
+    size: int,
+    rate: float,
+    seconds: float,
+    clients: tuple[str, ...] = CLIENTS,
+    repeat: int = 1,
+) -> list:
+    """Rows of (client, p50 ms, p99 ms, max ms, frames received / sent), the
+    clients taking turns, ``repeat`` rounds."""
+    ctx = multiprocessing.get_context("spawn")
+    count = int(rate * seconds)
+    admin = AdminClient({"bootstrap.servers": address})
+    rows = []
+    for label in [c for _ in range(repeat) for c in clients]:
+        topic = _topic(admin)
+        ready, out = ctx.Event(), ctx.Queue()
+        if label.startswith("raw"):
+            target: Any = _raw_subscriber
+            wait = 10 if "fetch.wait" in label else 500
+            args: tuple = (address, topic, count, ready, out, wait)
+        else:
+            target = _msight_subscriber
+            sub_env = {**env, "MSIGHT_KAFKA_ORDERED": "true" if "ordered" in label else "false"}
+            args = (sub_env, topic, count, ready, out)
+        proc = ctx.Process(target=target, args=args)
+        proc.start()
+        ready.wait(60)
+        time.sleep(1.0)
+        if label.startswith("raw"):
+            producer = _raw_producer(address)
+            producer.produce(topic, WARMUP)  # connected and topic known before timing
+            producer.flush(30)
+            poll = functools.partial(producer.poll, 0)
+            _paced(functools.partial(producer.produce, topic), poll, size, rate, count)
+            producer.flush(30)
+        else:
+            ordered = "ordered" in label
+            pub = KafkaPubSub(get_kafka_config(env=env, ordered=ordered))
+            pub.publish(topic, WARMUP)  # connected and topic known before timing
+            pub.flush(30)
+            _paced(functools.partial(pub.publish, topic), None, size, rate, count)
+            pub.flush(30)
+            pub.close()
+        result = out.get(timeout=180)
+        proc.join(30)
+        lat, extra = (result, {}) if label.startswith("raw") else result
+        ms = sorted(x * 1000 for x in lat) or [float("nan")]
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        rows.append((label, statistics.median(ms), p99, ms[-1], f"{len(lat)}/{count}", extra))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--only", choices=("throughput", "latency"), default=None)
+    parser.add_argument("--size", type=float, default=2.0, help="latency frame size, MB")
+    parser.add_argument("--rate", type=float, default=30.0, help="latency frames per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each drain and latency case")
+    parser.add_argument(
+        "--clients", default="raw,rawfast,msight,ordered", help="latency: which clients"
+    )
+    parser.add_argument("--set", action="append", default=[], help="extra MSIGHT_*=value")
     args = parser.parse_args()
-    rows: list[tuple[str, str, str, str]] = []
     with KafkaServer() as server:
-        address = server.address
         env = {**server.env(), "MSIGHT_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000"}
-        admin = AdminClient({"bootstrap.servers": address})
-        payload = os.urandom(1024)
-        n = args.count
-        raw_topic, our_topic = _topic(admin), _topic(admin)
-        t_raw = raw_produce(address, raw_topic, payload, n)
-        t_our = msight_produce(env, our_topic, payload, n)
-        rows.append(("produce 1 KB", f"{n / t_raw:,.0f} msg/s", f"{n / t_our:,.0f} msg/s",
-                     f"{t_raw / t_our:.0%}"))  # fmt: skip
-        c_raw = raw_consume(address, raw_topic, n)
-        c_our = msight_consume(env, our_topic, n)
-        rows.append(("consume 1 KB", f"{n / c_raw:,.0f} msg/s", f"{n / c_our:,.0f} msg/s",
-                     f"{c_raw / c_our:.0%}"))  # fmt: skip
-        for size in (1 * MiB, 4 * MiB):
-            frame = os.urandom(size)
-            count = args.frames
-            raw_t, our_t = _topic(admin), _topic(admin)
-            p_raw = raw_produce(address, raw_t, frame, count)
-            p_our = msight_produce(env, our_t, frame, count)
-            r_raw = raw_consume(address, raw_t, count)
-            r_our = msight_consume(env, our_t, count)
-            mb = count * size / MiB
-            label = f"{size // MiB} MB frames"
-            rows.append((f"produce {label}", f"{mb / p_raw:,.0f} MB/s", f"{mb / p_our:,.0f} MB/s",
-                         f"{p_raw / p_our:.0%}"))  # fmt: skip
-            rows.append((f"consume {label}", f"{mb / r_raw:,.0f} MB/s", f"{mb / r_our:,.0f} MB/s",
-                         f"{r_raw / r_our:.0%}"))  # fmt: skip
-    print(f"{'case':<22}{'raw confluent-kafka':>22}{'KafkaPubSub':>18}{'ratio':>8}")
+        env.update(item.split("=", 1) for item in args.set)
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        if args.only != "latency":
+            throughput(server.address, env, args.count, args.frames, args.repeat)
+        if args.only != "throughput":
+            size = int(args.size * MiB)
+            names = dict(zip(("raw", "rawfast", "msight", "ordered"), CLIENTS, strict=True))
+            chosen = tuple(names[c] for c in args.clients.split(","))
+            rows = latency(server.address, env, size, args.rate, args.seconds, chosen, args.repeat)
+            print(f"\n{args.size:g} MB frames at {args.rate:g} Hz for {args.seconds:g} s "
+                  "(subscriber in its own process):")  # fmt: skip
+            print(f"{'client':<28}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'received':>11}")
+            for label, p50, p99, worst, got, extra in rows:
+                print(f"{label:<28}{p50:>9.1f}{p99:>9.1f}{worst:>9.1f}{got:>11}  {extra or ''}")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def _drain_process(
+    kind: str, address: str, env: dict[str, str], topic: str, n: int, out: Any
+) -> None:
+    if kind == "raw":
+        out.put(raw_consume(address, topic, n))
+    else:
+        out.put(msight_consume(env, topic, n, group=kind == "group"))
+
+
+def drain(
+    address: str, env: dict[str, str], topic: str, n: int, kinds: tuple[str, ...], repeat: int
+) -> dict[str, list[float]]:
+    """Seconds to read ``n`` messages of ``topic`` from the start, each run in a
+    fresh subscriber process (not timed: start-up, subscribe/assign); the
+    clients take turns so a change of the machine's load hits them alike."""
+    ctx = multiprocessing.get_context("spawn")
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(repeat):
+        for kind in kinds:
+            out = ctx.Queue()
+            proc = ctx.Process(target=_drain_process, args=(kind, address, env, topic, n, out))
+            proc.start()
+            times[kind].append(out.get(timeout=300))
+            proc.join(30)
+    return times
+
+
+def _rates(n: int, seconds: list[float]) -> tuple[float, str]:
+    rates = sorted(n / t for t in seconds)
+    return rates[-1], f"{rates[-1]:,.0f} msg/s ({rates[0]:,.0f}-{rates[-1]:,.0f})"
+
+
+def throughput(address: str, env: dict[str, str], n: int, frames: int, repeat: int) -> None:
+    rows: list[tuple[str, str, str, str]] = []
+    admin = AdminClient({"bootstrap.servers": address})
+    payload = os.urandom(1024)
+    raw_topic, our_topic = _topic(admin), _topic(admin)
+    t_raw = raw_produce(address, raw_topic, payload, n)
+    t_our = msight_produce(env, our_topic, payload, n)
+    rows.append(("produce 1 KB", f"{n / t_raw:,.0f} msg/s", f"{n / t_our:,.0f} msg/s",
+                 f"{t_raw / t_our:.0%}"))  # fmt: skip
+    # The raw consumer reads the same topic (the same records, partitions and
+    # broker state); it ignores the stamps in the keys.
+    times = drain(address, env, our_topic, n, ("raw", "msight", "group"), repeat)
+    raw_best, raw_text = _rates(n, times["raw"])
+    for kind, label in (("msight", "drain 1 KB"), ("group", "drain 1 KB (group)")):
+        best, text = _rates(n, times[kind])
+        rows.append((label, raw_text, text, f"{best / raw_best:.0%}"))
+    # Published with ordered=true: one partition per publisher, nothing to restore.
+    pinned_topic = _topic(admin)
+    msight_produce(env, pinned_topic, payload, n, ordered=True)
+    times = drain(address, env, pinned_topic, n, ("raw", "msight"), repeat)
+    raw_best, raw_text = _rates(n, times["raw"])
+    best, text = _rates(n, times["msight"])
+    rows.append(("drain 1 KB (ordered=true)", raw_text, text, f"{best / raw_best:.0%}"))
+    for size in (1 * MiB, 4 * MiB):
+        frame = os.urandom(size)
+        raw_t, our_t = _topic(admin), _topic(admin)
+        p_raw = raw_produce(address, raw_t, frame, frames)
+        p_our = msight_produce(env, our_t, frame, frames)
+        r_raw = raw_consume(address, raw_t, frames)
+        r_our = msight_consume(env, our_t, frames)
+        mb = frames * size / MiB
+        label = f"{size // MiB} MB frames"
+        rows.append((f"produce {label}", f"{mb / p_raw:,.0f} MB/s", f"{mb / p_our:,.0f} MB/s",
+                     f"{p_raw / p_our:.0%}"))  # fmt: skip
+        rows.append((f"drain {label}", f"{mb / r_raw:,.0f} MB/s", f"{mb / r_our:,.0f} MB/s",
+                     f"{r_raw / r_our:.0%}"))  # fmt: skip
+    print(f"{'case':<26}{'raw confluent-kafka':>34}{'KafkaPubSub':>34}{'ratio':>8}")
     for case, raw, ours, ratio in rows:
-        print(f"{case:<22}{raw:>22}{ours:>18}{ratio:>8}")
-    print("(tansu memory broker on loopback; subscribe()/assign() not timed)")
+        print(f"{case:<26}{raw:>34}{ours:>34}{ratio:>8}")
+    print(
+        f"(tansu memory broker on loopback; drains: best of {repeat} (range), each in its own "
+        "process, clients taking turns; subscribe()/assign() not timed)"
+    )
 
 
 if __name__ == "__main__":

@@ -273,10 +273,19 @@ class KafkaConfig(_MaskedRepr):
     """Where a group with no committed offset starts: ``earliest`` or ``latest``
     (``MSIGHT_KAFKA_START``)."""
     ordered: bool = False
-    """Send all of one publisher instance's messages to one topic through one
-    partition, so they arrive in publish order; groups then balance across
-    publishers, not messages (``MSIGHT_KAFKA_ORDERED``). Default: spread
-    messages over partitions (balanced, no order across partitions)."""
+    """Pin each publisher instance to one partition per topic (a random key),
+    so any Kafka consumer, raw ones included, reads its messages in order and
+    msight subscribers never hold a message back; a group then balances across
+    publishers, not messages (``MSIGHT_KAFKA_ORDERED``). Default: each
+    publisher's messages go round the partitions, stamped with a sequence
+    number, and msight subscribers restore each publisher's order (see
+    ``order_wait``): order and balance both."""
+    order_wait: float = 2.0
+    """Seconds a subscriber holds a message back while an earlier message of
+    the same publisher may still arrive from another partition
+    (``MSIGHT_KAFKA_ORDER_WAIT``); nothing is held when nothing is missing.
+    After that the earlier one is given up (counted) and a late arrival is
+    delivered out of order. A tiny value restores order within each fetched batch only."""
     connect_timeout: float = 10.0
     """Seconds to wait for the broker before raising ``BrokerUnavailableError``
     (``MSIGHT_KAFKA_CONNECT_TIMEOUT``)."""
@@ -306,6 +315,8 @@ class KafkaConfig(_MaskedRepr):
             raise ConfigError("Kafka connect_timeout must be > 0")
         if self.delivery_timeout is not None and not 0 < self.delivery_timeout < 2**31 / 1000:
             raise ConfigError("Kafka delivery_timeout must be a positive number of seconds")
+        if not 0 < self.order_wait <= 3600:
+            raise ConfigError("Kafka order_wait must be > 0 and at most 3600 seconds")
         for name in ("producer", "consumer", "client"):
             props = dict(getattr(self, name))
             for key, value in props.items():
@@ -897,6 +908,7 @@ def load_kafka_config(
         ),
         start=start,
         ordered=e.bool(p + "ORDERED", False),
+        order_wait=e.float(p + "ORDER_WAIT", KafkaConfig.order_wait, maximum=3600),
         connect_timeout=e.float(p + "CONNECT_TIMEOUT", KafkaConfig.connect_timeout),
         # librdkafka takes milliseconds in a 32-bit int.
         delivery_timeout=e.float(p + "DELIVERY_TIMEOUT", 0.0, maximum=2_000_000) or None,

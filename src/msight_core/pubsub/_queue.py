@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from enum import Enum
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..config import OverflowPolicy, QueueConfig
@@ -23,6 +24,7 @@ __all__ = ["CLOSED", "Delivery", "ReceiveQueue", "State", "check_payload"]
 logger = logging.getLogger("msight_core.pubsub")
 
 _DROP_LOG_INTERVAL = 5.0
+_data = itemgetter(1)  # Delivery.data
 _BATCH_BYTES = 1024 * 1024
 
 
@@ -137,7 +139,7 @@ class ReceiveQueue:
             queued = self._items
             count, nbytes = len(queued), self._bytes
             if count + len(items) <= cfg.max_messages:
-                total = sum(len(item.data) for item in items)
+                total = sum(map(len, map(_data, items)))  # C speed: per batch, per message
                 if nbytes + total <= cfg.max_bytes or not count and len(items) == 1:
                     queued.extend(items)
                     items.clear()

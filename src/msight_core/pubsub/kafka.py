@@ -24,11 +24,23 @@ Topics
     limit are plain records: their value is exactly the published bytes.
 
 Ordering
-    By default each message picks its partition on its own (balanced groups,
-    even with a single publisher), so order holds within a partition only.
-    With ``KafkaConfig.ordered`` (``MSIGHT_KAFKA_ORDERED=true``) all of one
-    publisher instance's messages to a topic use one partition and arrive in
-    publish order; a group then balances across publishers.
+    Every subscriber gets each publisher's messages in publish order, and a
+    group balances even a single publisher's stream: each message takes the
+    publisher's next sequence number and the next partition in turn (the record
+    key carries the stamp; the value is exactly the published bytes), and the
+    subscriber restores each publisher's order among the partitions it owns
+    (all of them, or its share in a group). A message is held back only while
+    an earlier one of its publisher may still come, at most
+    ``KafkaConfig.order_wait`` seconds (2 by default) and within the receive
+    queue's bounds; one that never comes is counted (``stats()["order_gaps"]``).
+    A subscriber that starts while a publisher is sending holds that
+    publisher's first messages at most 0.25 s for what may precede them
+    (``order_wait`` if the publisher itself has just started).
+    Order is not kept across a rebalance for what a previous owner left
+    unprocessed, nor for records of other (raw) producers, which pass through
+    as they come. With ``KafkaConfig.ordered`` (``MSIGHT_KAFKA_ORDERED=true``)
+    each publisher instance uses one partition instead: order for any Kafka
+    consumer, raw ones included, and balance across publishers only.
 
 Subscribing
     With a ``group_id`` the members share partitions (each message to one
@@ -37,12 +49,24 @@ Subscribing
     afterwards are delivered. An offset is committed only after the application
     has taken the message from ``listen()`` and come back for the next one
     (and on ``close()``), so a crashed subscriber gets the unprocessed messages
-    again. A full receive queue pauses the partitions instead of dropping:
-    the configured overflow policy is not used (Kafka keeps the backlog).
+    again, and when partitions move to another member (one leaves or joins)
+    the new owner starts where the group's processing ended: no gap, possibly
+    duplicates (what the old owner fetched but did not process). A full
+    receive queue pauses the partitions instead of dropping: the configured
+    overflow policy is not used (Kafka keeps the backlog).
+
+Wildcards
+    ``subscribe("camera1.*")`` / ``subscribe("camera1.>")`` follow every
+    matching topic (whole tokens, as on NATS): a group member through a Kafka
+    regex subscription, a subscriber without a group by listing the cluster's
+    topics. A topic created later is picked up at the next metadata refresh
+    (2 s, ``topic.metadata.refresh.interval.ms``; plus a rebalance for a group
+    member) and read from its first message. Each message's ``topic`` is the
+    topic it was published to.
 
 This module is the public facade; the machinery is in the private package
-``msight_core.pubsub._kafka`` (settings, errors, admin, chunks, publisher,
-subscriber).
+``msight_core.pubsub._kafka`` (settings, errors, admin, chunks, stamps,
+order, inbox, patterns, positions, publisher, subscriber).
 """
 
 from __future__ import annotations
@@ -81,7 +105,7 @@ class KafkaPubSub(QueueBackend):
     """
 
     capabilities = Capabilities(
-        broadcast=True, groups=True, persistent=True, ordered=False, max_payload=None
+        broadcast=True, groups=True, persistent=True, ordered=True, max_payload=None, patterns=True
     )
 
     def __init__(self, config: KafkaConfig | None = None) -> None:
@@ -96,6 +120,9 @@ class KafkaPubSub(QueueBackend):
         self._admin = TopicAdmin(config)
         self._publisher: Publisher | None = None
         self._subscriber: Subscriber | None = None
+        # The subscriber's, once it exists: processed tokens, partition generations.
+        self._acks: dict[tuple[str, int], Any] = {}
+        self._generations: dict[tuple[str, int], int] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -118,11 +145,25 @@ class KafkaPubSub(QueueBackend):
                     raise
             if self._subscriber is None:
                 self._subscriber = Subscriber(self.config, self._queue)
+                self._acks = self._subscriber.acks
+                self._generations = self._subscriber.generations
             self._subscriber.subscribe(name, created)
         except MsightError:
             raise
         except Exception as exc:
             raise translate(exc, f"subscribing to {name!r}") from exc
+
+    def _subscribe_pattern(self, pattern: str) -> None:
+        try:
+            if self._subscriber is None:
+                self._subscriber = Subscriber(self.config, self._queue)
+                self._acks = self._subscriber.acks
+                self._generations = self._subscriber.generations
+            self._subscriber.subscribe_pattern(pattern)
+        except MsightError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"subscribing to {pattern!r}") from exc
 
     def _publish(self, name: str, data: bytes) -> None:
         publisher = self._publisher
@@ -142,15 +183,15 @@ class KafkaPubSub(QueueBackend):
             self._publisher.flush(timeout)
 
     def _ack(self, delivery: Delivery) -> None:
-        subscriber = self._subscriber
-        if subscriber is not None and delivery.token is not None:
-            subscriber.ack(delivery.topic, delivery.token)
+        # Only a group member's deliveries carry tokens, so its subscriber exists.
+        token = delivery.token
+        self._acks[(delivery.topic, token[0])] = token
 
     def _accept(self, delivery: Delivery) -> bool:
         # A message of a partition revoked or rewound since it was queued is not
         # handed out: the partition's new owner (or new position) delivers it again.
-        subscriber = self._subscriber
-        return subscriber is None or subscriber.current(delivery.topic, delivery.token)
+        token = delivery.token
+        return self._generations.get((delivery.topic, token[0])) == token[2]
 
     def _close(self) -> None:
         try:
@@ -206,7 +247,11 @@ class KafkaPubSub(QueueBackend):
 
     def stats(self) -> dict[str, Any]:
         """Counters: delivered/queued (base), published, delivery failures, frames,
-        producers replaced after a fatal error and messages re-sent by them."""
+        producers replaced after a fatal error and messages re-sent by them; for
+        subscribers, rebalances, split frames dropped, and order restoration:
+        ``order_gaps`` (a publisher's messages never received), ``order_late``
+        (received after later ones were delivered), ``unordered`` (stamps that
+        did not add up, passed through)."""
         out = super().stats()
         publisher, subscriber = self._publisher, self._subscriber
         if publisher is not None:
@@ -221,5 +266,6 @@ class KafkaPubSub(QueueBackend):
             out.update(
                 rebalances=subscriber.rebalances,
                 incomplete_frames_dropped=subscriber.incomplete_frames_dropped,
+                **subscriber.order_stats(),
             )
         return out

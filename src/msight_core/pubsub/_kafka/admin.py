@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -21,7 +22,7 @@ from ...errors import BrokerUnavailableError, ConfigError
 from .errors import code_of, translate
 from .settings import admin_conf
 
-__all__ = ["KAFKA_DEFAULT_MAX_MESSAGE_BYTES", "TopicAdmin"]
+__all__ = ["KAFKA_DEFAULT_MAX_MESSAGE_BYTES", "TopicAdmin", "partition_count"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
@@ -31,6 +32,18 @@ KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
 _limits_lock = threading.Lock()
 #: (servers, topic) -> max.message.bytes, shared by every instance in the process.
 _known_limits: dict[tuple[tuple[str, ...], str], int] = {}
+
+
+def partition_count(client: Any, name: str, timeout: float) -> int:
+    """Partitions of ``name`` as ``client`` (a producer, consumer or admin client)
+    sees them; 0 if it does not exist or the broker did not answer."""
+    try:
+        metadata = client.list_topics(name, timeout=timeout)
+    except KafkaException as exc:
+        logger.debug("Kafka partitions of %r unknown (%s)", name, exc)
+        return 0
+    topic = metadata.topics.get(name)
+    return len(topic.partitions) if topic is not None and topic.error is None else 0
 
 
 class TopicAdmin:

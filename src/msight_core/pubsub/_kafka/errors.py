@@ -6,11 +6,14 @@
 original. :func:`kafka_error`, :func:`code_of`, :func:`is_fatal` and
 :func:`fatal_error` read the ``KafkaError`` an exception carries, and
 :data:`PRODUCER_LOST` / :data:`TOPIC_MISSING` group the codes the publisher
-recovers from.
+recovers from; :class:`EpochWatch` notices, from a producer's statistics, a
+broker that keeps rejecting its producer id.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -25,8 +28,10 @@ from ...errors import (
 )
 
 __all__ = [
+    "EPOCH_BUMPS",
     "PRODUCER_LOST",
     "TOPIC_MISSING",
+    "EpochWatch",
     "code_of",
     "fatal_error",
     "is_fatal",
@@ -126,3 +131,40 @@ def translate(exc: BaseException, what: str) -> MsightError:
     if code in _CONFIG:
         return ConfigError(text)
     return BrokerError(text)
+
+
+#: Epoch bumps per statistics interval that mean the broker rejects our producer id.
+EPOCH_BUMPS = 3
+
+
+class EpochWatch:
+    """Notices a producer whose epoch keeps being bumped (from its statistics).
+
+    librdkafka answers UNKNOWN_PRODUCER_ID without risk of duplicates by bumping
+    the epoch locally; a real Kafka accepts that once. A broker that lost the
+    producer id for good (tansu after a restart) rejects every epoch, so the
+    producer loops until ``message.timeout.ms``: ``on_rejected(reason)`` is
+    called then, and the publisher replaces the producer.
+    """
+
+    def __init__(self, on_rejected: Callable[[str], None]) -> None:
+        self.on_rejected = on_rejected
+        self.pid = -1
+        self.epoch = -1
+        self.bumping = 0
+        self.retired = False
+
+    def __call__(self, stats_json: str) -> None:
+        try:
+            eos = json.loads(stats_json).get("eos") or {}
+            pid, epoch = int(eos.get("producer_id", -1)), int(eos.get("producer_epoch", -1))
+        except (ValueError, TypeError, AttributeError):
+            return
+        bumped = epoch - self.epoch if pid == self.pid and pid >= 0 and self.epoch >= 0 else 0
+        self.pid, self.epoch = pid, epoch
+        self.bumping = self.bumping + 1 if bumped > 0 else 0
+        if not self.retired and (bumped >= EPOCH_BUMPS or self.bumping >= 2):
+            self.on_rejected(
+                f"the broker keeps rejecting producer id {pid} (epoch bumped to {epoch}): "
+                "it lost the producer's idempotence state"
+            )

@@ -25,40 +25,39 @@ Recovery, with no user code:
 A re-produced message is given up (and reported) once it could not be
 delivered within another ``delivery_timeout``.
 
-Frames larger than the topic's ``max.message.bytes`` are split into chunks sent
-with one key (so one partition, in order; the format is in :mod:`.chunks`); the
-subscriber reassembles them. Frames within the limit are plain records whose
-value is exactly the published bytes.
+Order and balance (:mod:`.order`): each message takes this publisher's next
+seq on its topic and the next partition in turn (its key is the stamp), under
+one lock, so a partition holds one publisher's records in seq order. With
+``KafkaConfig.ordered``: one partition per publisher (a random key), no stamp.
+Frames above the topic's ``max.message.bytes`` are split (:mod:`.chunks`) into
+one partition under the same lock; other records' values are the published bytes.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaException, Producer
 
 from ...config import KafkaConfig
 from ...errors import BackpressureError, ConfigError, MsightError, PublishError
-from .admin import TopicAdmin
+from . import errors as kerr
+from .admin import TopicAdmin, partition_count
 from .chunks import RECORD_OVERHEAD, FrameIds, split
-from .errors import PRODUCER_LOST, TOPIC_MISSING, code_of, fatal_error, is_fatal, translate
 from .settings import delivery_timeout, producer_conf
+from .stamps import Stamper, as_frame
 
 __all__ = ["Publisher"]
 
 logger = logging.getLogger("msight_core.pubsub.kafka")
 
 _POLL_INTERVAL = 0.05
-#: Epoch bumps per statistics interval that mean the broker rejects our producer id.
-_EPOCH_BUMPS = 3
 #: Seconds a replaced producer is polled for the reports of its purged messages.
 _RETIRE_WAIT = 5.0
 _ENSURE_INTERVAL = 1.0
@@ -71,39 +70,7 @@ class _Retry(NamedTuple):
     headers: Any
     deadline: float  # monotonic: give up (report) after this
     reason: str
-
-
-class _Epochs:
-    """Notices a producer whose epoch keeps being bumped (from its statistics).
-
-    librdkafka answers UNKNOWN_PRODUCER_ID without risk of duplicates by bumping
-    the epoch locally; a real Kafka accepts that once. A broker that lost the
-    producer id for good (tansu after a restart) rejects every epoch, so the
-    producer loops until ``message.timeout.ms``: ``on_rejected(reason)`` is
-    called then, and the publisher replaces the producer.
-    """
-
-    def __init__(self, on_rejected: Callable[[str], None]) -> None:
-        self.on_rejected = on_rejected
-        self.pid = -1
-        self.epoch = -1
-        self.bumping = 0
-        self.retired = False
-
-    def __call__(self, stats_json: str) -> None:
-        try:
-            eos = json.loads(stats_json).get("eos") or {}
-            pid, epoch = int(eos.get("producer_id", -1)), int(eos.get("producer_epoch", -1))
-        except (ValueError, TypeError, AttributeError):
-            return
-        bumped = epoch - self.epoch if pid == self.pid and pid >= 0 and self.epoch >= 0 else 0
-        self.pid, self.epoch = pid, epoch
-        self.bumping = self.bumping + 1 if bumped > 0 else 0
-        if not self.retired and (bumped >= _EPOCH_BUMPS or self.bumping >= 2):
-            self.on_rejected(
-                f"the broker keeps rejecting producer id {pid} (epoch bumped to {epoch}): "
-                "it lost the producer's idempotence state"
-            )
+    partition: int  # where it was sent (-1: let librdkafka choose)
 
 
 class Publisher:
@@ -123,22 +90,27 @@ class Publisher:
         self._frame_ids = FrameIds()
         self._limits: dict[str, int] = {}
         self._learn_lock = threading.Lock()
-        self._chunk_lock = threading.Lock()
         self._fail_lock = threading.Lock()
-        # Held around produce() and the producer swap: nothing goes into a retired one.
-        self._swap_lock = threading.Lock()
+        # Held around taking a seq and produce() (so one partition gets this
+        # publisher's records in seq order), across a split frame, and around the
+        # producer swap (nothing goes into a retired one).
+        self._swap_lock = threading.RLock()
         self._failed: dict[str, int] = {}
         self._reasons: dict[str, str] = {}
         self._retry: deque[_Retry] = deque()
         self._missing: dict[str, float] = {}  # vanished topic -> next ensure attempt
         self._rebuild_reason: str | None = None
-        self._retiring: list[tuple[Producer, _Epochs, float]] = []
+        self._retiring: list[tuple[Producer, kerr.EpochWatch, float]] = []
         self._closing = False
         self._outage_logged = False
         self._stop = threading.Event()
         self._timeout = delivery_timeout(config)
-        self._epochs = _Epochs(self.request_rebuild)
+        self._epochs = kerr.EpochWatch(self.request_rebuild)
         self.producer = self._new_producer(self._epochs)
+        self._stamps = Stamper(
+            self._frame_ids.prefix,
+            lambda name: partition_count(self.producer, name, config.connect_timeout),
+        )
         self.max_record = int(producer_conf(config, None, None)["message.max.bytes"])
         self.published = 0
         self.chunked_frames = 0
@@ -148,7 +120,7 @@ class Publisher:
         self._thread = threading.Thread(target=self._serve, name="msight-kafka-dr", daemon=True)
         self._thread.start()
 
-    def _new_producer(self, epochs: _Epochs) -> Producer:
+    def _new_producer(self, epochs: kerr.EpochWatch) -> Producer:
         try:
             return Producer(producer_conf(self.config, self._on_delivery, self._on_error, epochs))
         except (KafkaException, ValueError, TypeError) as exc:
@@ -168,17 +140,17 @@ class Publisher:
     def _failed_delivery(self, err: Any, msg: Any, headers: Any, deadline: float | None) -> None:
         topic = msg.topic() or "?"
         code = err.code()
-        if not self._closing and (code in PRODUCER_LOST or code in TOPIC_MISSING):
+        if not self._closing and (code in kerr.PRODUCER_LOST or code in kerr.TOPIC_MISSING):
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._timeout
             if now < deadline:
-                if code in TOPIC_MISSING:  # the topic is gone: create it again
+                if code in kerr.TOPIC_MISSING:  # the topic is gone: create it again
                     self._missing.setdefault(topic, 0.0)
                 # Producer-lost codes come from a producer already being replaced
                 # (error_cb/poll report the fatal error itself): just re-send.
-                value = msg.value() or b""
-                self._retry.append(_Retry(topic, value, msg.key(), headers, deadline, err.str()))
+                value, key, part = msg.value() or b"", msg.key(), msg.partition()
+                self._retry.append(_Retry(topic, value, key, headers, deadline, err.str(), part))
                 return
         self._record_failure(topic, err.str())
 
@@ -192,7 +164,7 @@ class Publisher:
             logger.error("Kafka delivery to topic %r failed: %s", topic, reason)
 
     def _on_error(self, err: Any) -> None:
-        if is_fatal(err):
+        if kerr.is_fatal(err):
             self.request_rebuild(err.str())
         elif not self._outage_logged:
             self._outage_logged = True
@@ -222,7 +194,7 @@ class Publisher:
                 time.sleep(_POLL_INTERVAL)
 
     def _poll_failed(self, exc: KafkaException) -> None:
-        err = fatal_error(exc)
+        err = kerr.fatal_error(exc)
         if err is not None:
             self.request_rebuild(err.str())  # poll() raises while the producer is fatal
         else:
@@ -240,7 +212,7 @@ class Publisher:
             self._resend()
 
     def _rebuild(self) -> None:
-        epochs = _Epochs(self.request_rebuild)
+        epochs = kerr.EpochWatch(self.request_rebuild)
         new = self._new_producer(epochs)
         with self._swap_lock:
             old, self.producer = self.producer, new
@@ -290,6 +262,7 @@ class Publisher:
             if now < due:
                 continue
             self._limits.pop(name, None)
+            self._stamps.forget(name)
             self.admin.forget(name)
             try:
                 self.admin.ensure_topic(name)
@@ -313,21 +286,30 @@ class Publisher:
                 self._retry.append(item)
                 continue
             callback = functools.partial(self._on_delivery_with, item.headers, item.deadline)
+            # The same partition keeps a stamped record's place (if the topic still has it).
+            part = item.partition
+            if not 0 <= part < self._stamps.partitions(item.topic):
+                part = -1
             try:
                 with self._swap_lock:
                     self.producer.produce(
-                        item.topic, item.value, item.key, on_delivery=callback, headers=item.headers
+                        item.topic,
+                        item.value,
+                        item.key,
+                        part,
+                        on_delivery=callback,
+                        headers=item.headers,
                     )
             except BufferError:
                 self._retry.appendleft(item)  # full: the next round
                 return
             except KafkaException as exc:
-                err = fatal_error(exc)
+                err = kerr.fatal_error(exc)
                 if err is not None:
                     self.request_rebuild(err.str())
                     self._retry.appendleft(item)
                     return
-                if code_of(exc) in TOPIC_MISSING:
+                if kerr.code_of(exc) in kerr.TOPIC_MISSING:
                     self._missing.setdefault(item.topic, now + _ENSURE_INTERVAL)
                     self._retry.append(item)
                     continue
@@ -365,22 +347,33 @@ class Publisher:
             self.raise_failures()
         limit = self._limits.get(name) or self.limit(name)
         if len(data) <= limit:
-            self._produce(name, data, self._key, trace)
+            self._produce(name, data, trace or None)
         else:
             self._publish_chunked(name, data, limit, trace or [])
         self.published += 1
 
     def _publish_chunked(self, name: str, data: bytes, limit: int, trace: Any = ()) -> None:
         frame_id = self._frame_ids.next()
-        key = self._key or frame_id
-        # One frame's chunks stay contiguous among this producer's frames, which
-        # lets the consumer drop a frame whose producer moved on without finishing.
-        with self._chunk_lock:
+        # The whole frame under the lock: its chunks are contiguous among this
+        # producer's records (the consumer drops a frame whose producer moved on
+        # without finishing it) and its seq is in order in its partition.
+        with self._swap_lock:
+            if self._key is not None:
+                where = (self._key, -1)
+            else:
+                key, part = self._stamps.next(name)
+                if key is not None:
+                    key = as_frame(key)
+                    self._stamps.taken(name)
+                where = (key, part)
             for chunk, headers in split(data, limit, frame_id):
-                self._produce(name, chunk, key, headers + list(trace))
+                self._produce(name, chunk, headers + list(trace), where)
         self.chunked_frames += 1
 
-    def _produce(self, name: str, value: bytes, key: Any, headers: Any) -> None:
+    def _produce(
+        self, name: str, value: bytes, headers: Any = None, where: tuple[Any, int] | None = None
+    ) -> None:
+        """Hand a record to librdkafka; ``where``: key and partition of a frame's chunk."""
         callback = None
         if headers is not None:
             callback = functools.partial(self._on_delivery_with, headers, None)
@@ -388,25 +381,34 @@ class Publisher:
         while True:
             try:
                 with self._swap_lock:
+                    if where is not None:
+                        key, part = where
+                    elif self._key is not None:
+                        key, part = self._key, -1
+                    else:
+                        key, part = self._stamps.next(name)
                     if callback is None:
-                        self.producer.produce(name, value, key)
+                        self.producer.produce(name, value, key, part)
                     else:
                         self.producer.produce(
-                            name, value, key, on_delivery=callback, headers=headers
+                            name, value, key, part, on_delivery=callback, headers=headers
                         )
+                    if where is None and key is not None and self._key is None:
+                        self._stamps.taken(name)
                 return
             except BufferError:
                 why = "buffer full: the broker is unreachable or slower than the publishers"
             except KafkaException as exc:
-                err = fatal_error(exc)
+                err = kerr.fatal_error(exc)
                 if err is not None:
                     self.request_rebuild(err.str())  # the report thread replaces it
                     why = "the producer is being replaced"
-                elif code_of(exc) in TOPIC_MISSING:
+                elif kerr.code_of(exc) in kerr.TOPIC_MISSING:
                     self._missing.setdefault(name, 0.0)  # the report thread creates it
+                    self._stamps.forget(name)
                     why = "the topic is missing and being created again"
                 else:
-                    raise translate(exc, f"publishing to {name!r}") from exc
+                    raise kerr.translate(exc, f"publishing to {name!r}") from exc
             now = time.monotonic()
             if not deadline:
                 deadline = now + self.config.publish.timeout

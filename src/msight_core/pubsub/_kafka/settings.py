@@ -22,6 +22,7 @@ from .chunks import RECORD_OVERHEAD
 
 __all__ = [
     "FAIL_LOG_INTERVAL",
+    "METADATA_REFRESH_MS",
     "admin_conf",
     "consumer_conf",
     "delivery_timeout",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Where every client built here sends librdkafka's log lines (served by ``poll()``).
 librdkafka_logger = logging.getLogger("msight_core.pubsub.kafka.librdkafka")
+#: Consumers' metadata refresh (ms): how soon new topics matching a wildcard are seen.
+METADATA_REFRESH_MS = 2000
 #: Seconds between two logged connection failures of one librdkafka client.
 FAIL_LOG_INTERVAL = 30.0
 MiB = 1024 * 1024
@@ -163,8 +166,12 @@ def consumer_conf(config: KafkaConfig, group_id: str, error_cb: Any) -> dict[str
             "enable.partition.eof": False,
             "fetch.max.bytes": fetch_max,
             "receive.message.max.bytes": min(fetch_max + 2 * MiB, 2_147_483_647),
-            "fetch.wait.max.ms": 100,
-            "topic.metadata.refresh.interval.ms": 5000,
+            # A broker may hold an empty fetch this long even when data arrives
+            # meanwhile (tansu does): at camera rates it adds up to this much
+            # latency. 10 ms costs an idle consumer ~100 small requests a second.
+            "fetch.wait.max.ms": 10,
+            # Also how soon a wildcard subscription sees a new topic (:mod:`.patterns`).
+            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         }
     )
     conf.update(_revealed(config.consumer))

@@ -10,14 +10,19 @@ confluent-kafka object is shared between threads. Other threads post commands.
   owns a partition later starts from the same place.
 * Without one, the instance assigns itself every partition (no group: each
   subscriber gets everything) and commits nothing.
+* Wildcard patterns (:mod:`.patterns`): a group member subscribes with a Kafka
+  regex; a broadcast subscriber lists the cluster's topics every metadata
+  refresh interval and assigns those that match. Topics that appear later are
+  read from their start.
 * Messages go to the :class:`~.._core.ReceiveQueue` only while it has room; when
   it is full the partitions are paused (backpressure, nothing dropped).
 * Offsets are committed only for messages the application acknowledged
-  (see :meth:`Subscriber.ack`): every second, on revocation and on close.
-* Frames split by the publisher (:mod:`.chunks`) are reassembled; the
-  committed offset never passes the first chunk of an unfinished frame.
+  (``Subscriber.acks``): every second, on revocation and on close.
+* Records become deliveries in the :class:`~.inbox.Inbox`: split frames are
+  reassembled, each publisher's order restored (:mod:`.order`); the committed
+  offset never passes an unfinished frame or a message held for order.
 * Each assignment of a partition gets a new generation, carried in the
-  delivery's token: :meth:`Subscriber.current` tells the backend that a queued
+  delivery's token: :attr:`Subscriber.generations` tells the backend that a queued
   delivery's partition was revoked or rewound since, so it is not handed out.
 """
 
@@ -31,21 +36,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    OFFSET_END,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from ...config import KafkaConfig
 from ...errors import BrokerUnavailableError, ConfigError, MsightError
 from .._core import Delivery, ReceiveQueue
-from .chunks import CHUNK_HEADER, Reassembler
 from .errors import TOPIC_MISSING, translate
-from .settings import consumer_conf, unique_group_id
+from .inbox import Inbox
+from .patterns import Patterns, kafka_regex
+from .positions import seek_targets, start_positions
+from .settings import METADATA_REFRESH_MS, consumer_conf, unique_group_id
 
 __all__ = ["Subscriber"]
 
@@ -70,8 +70,8 @@ class Subscriber:
         config: the backend's settings (``group_id`` decides group or broadcast).
         queue: where deliveries go; the backend's ``listen()`` reads it.
 
-    ``ack()`` and ``current()`` are cheap and callable from any thread; the other
-    calls block until the reader thread has done the work.
+    Writing to ``acks`` and reading ``generations`` are cheap and fine from any
+    thread; the other calls block until the reader thread has done the work.
     """
 
     def __init__(self, config: KafkaConfig, queue: ReceiveQueue) -> None:
@@ -89,18 +89,29 @@ class Subscriber:
         self._topics: list[str] = []
         self._from_start: set[str] = set()  # topics this instance saw created
         self._pending: set[str] = set()  # ungrouped: topics that do not exist yet
+        self._known: set[str] = set()  # ungrouped: topics assigned here
+        self._patterns = Patterns()
+        refresh = self.consumer_setting("topic.metadata.refresh.interval.ms", METADATA_REFRESH_MS)
+        self._refresh = max(0.1, float(refresh) / 1000)
+        self._last_scan = time.monotonic()
         self._gen: dict[TP, int] = {}  # assigned partitions -> generation
         self._next_gen = 0
         self._assign_count = 0
-        self._ack_lock = threading.Lock()
-        self._acked: dict[TP, int] = {}
-        self._chunks = Reassembler()
+        self.acks: dict[TP, tuple[int, int, int]] = {}
+        """The token of the last processed delivery per partition: written by the
+        backend (any thread), turned into offsets to commit by the reader thread."""
+        self.generations = self._gen
+        """Partition -> generation (read only outside): a delivery whose token
+        carries another generation was revoked or rewound since it was queued."""
+        self._acked: dict[TP, int] = {}  # offsets to commit (reader thread only)
+        self._committed: dict[TP, int] = {}
         self._leftover: deque[Delivery] = deque()
+        self.inbox = Inbox(config, self.grouped, self._gen, self._leftover, self._on_record_error)
         self._paused = False
         self._stop = False
         self._last_commit = time.monotonic()
         self._last_pending_check = 0.0
-        self._last_evict = 0.0
+        self._wake: float | None = None  # when the inbox wants a tick (monotonic)
         self._outage_logged = False
         self.rebalances = 0
         self._thread = threading.Thread(target=self._run, name="msight-kafka-reader", daemon=True)
@@ -108,8 +119,13 @@ class Subscriber:
 
     @property
     def incomplete_frames_dropped(self) -> int:
-        """Split frames given up unfinished (a chunk missing, or too late)."""
-        return self._chunks.dropped
+        """Split frames given up (malformed, a chunk missing, too late, over a bound)."""
+        return self.inbox.chunks.dropped
+
+    def order_stats(self) -> dict[str, int]:
+        """Counters of the order restoration (see :class:`~.order.Sequencer`)."""
+        order = self.inbox.order
+        return {"order_gaps": order.gaps, "order_late": order.late, "unordered": order.unordered}
 
     # -- caller side ------------------------------------------------------------------
 
@@ -152,21 +168,35 @@ class Subscriber:
                     )
                 self._cond.wait(min(deadline - now, 0.2))
 
+    def subscribe_pattern(self, pattern: str) -> None:
+        """Follow every topic ``pattern`` matches, now and later.
+
+        Returns once the topics that match now are assigned (for a group member:
+        once the group rebalanced; at once when nothing matches yet).
+
+        Raises:
+            BrokerUnavailableError: no assignment within the bound.
+        """
+        if not self.grouped:
+            self.call(lambda: self._watch(pattern), self._timeout * 3 + 5)
+            return
+        session = float(self.consumer_setting("session.timeout.ms", 45000)) / 1000
+        bound = 3 * session + self._timeout
+        before, matched = self.call(lambda: self._watch_group(pattern), self._timeout + 5)
+        deadline = time.monotonic() + bound
+        with self._cond:
+            while matched and self._assign_count <= before:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise BrokerUnavailableError(
+                        f"Kafka: no partition assignment for pattern {pattern!r} in group "
+                        f"{self.config.group_id!r} within {bound:g}s"
+                    )
+                self._cond.wait(min(deadline - now, 0.2))
+
     def consumer_setting(self, key: str, default: Any) -> Any:
         merged = {**dict(self.config.client), **dict(self.config.consumer)}
         return merged.get(key, default)
-
-    def ack(self, topic: str, token: tuple[int, int, int]) -> None:
-        """Record that the application processed a delivery (cheap, any thread)."""
-        partition, offset, gen = token
-        key = (topic, partition)
-        if self._gen.get(key) == gen:
-            with self._ack_lock:
-                self._acked[key] = offset
-
-    def current(self, topic: str, token: tuple[int, int, int]) -> bool:
-        """False if the delivery's partition was revoked or rewound since."""
-        return self._gen.get((topic, token[0])) == token[2]
 
     def replay(self, name: str, where: Any) -> int:
         """Rewind ``name``'s assigned partitions; returns how many were moved."""
@@ -206,7 +236,10 @@ class Subscriber:
                     continue
                 if self._paused:
                     self._pause(False)
-                msg = consumer.poll(0.1)
+                wait = 0.1
+                if self._wake is not None:
+                    wait = min(wait, max(0.0, self._wake - time.monotonic()))
+                msg = consumer.poll(wait)
                 if msg is not None:
                     batch = [msg]
                     batch.extend(consumer.consume(_BATCH - 1, 0))
@@ -238,9 +271,14 @@ class Subscriber:
             self._last_pending_check = now
             for name in list(self._pending):
                 self._assign_all(name)
-        if self._chunks.partial and now - self._last_evict >= 1.0:
-            self._last_evict = now
-            self._chunks.evict(now)
+        if self._patterns and not self.grouped and now - self._last_scan >= self._refresh:
+            self._scan()
+        if self._wake is not None and now >= self._wake or self.inbox.pending:
+            self._wake = self.inbox.tick(now, self._paused)
+
+    def _on_record_error(self, err: Any) -> None:
+        if err.code() not in _IGNORED:
+            self._on_error(err)
 
     def _on_error(self, err: Any) -> None:
         if err.code() in _IGNORED:
@@ -262,6 +300,33 @@ class Subscriber:
         )
         return before
 
+    def _topic_names(self, timeout: float) -> list[str]:
+        metadata = self.consumer.list_topics(timeout=timeout)
+        return [n for n, t in metadata.topics.items() if t.error is None and not n.startswith("__")]
+
+    def _watch_group(self, pattern: str) -> tuple[int, bool]:
+        existing = self._topic_names(self._timeout)
+        self._patterns.add(pattern, existing)
+        matcher = Patterns()
+        matcher.add(pattern, ())
+        return self._subscribe_group(kafka_regex(pattern)), any(map(matcher.matches, existing))
+
+    def _watch(self, pattern: str) -> None:
+        self._patterns.add(pattern, self._topic_names(self._timeout))
+        self._scan()
+
+    def _scan(self) -> None:
+        """Broadcast: assign the topics that match a pattern and are not assigned yet."""
+        self._last_scan = time.monotonic()
+        try:
+            names = self._topic_names(min(1.0, self._timeout))
+        except (KafkaException, RuntimeError) as exc:
+            logger.debug("listing Kafka topics for wildcard subscriptions failed: %s", exc)
+            return
+        for name in sorted(names):
+            if name not in self._known and self._patterns.matches(name):
+                self._assign_all(name)
+
     def _assign_all(self, name: str) -> None:
         metadata = self.consumer.list_topics(name, timeout=self._timeout)
         topic = metadata.topics.get(name)
@@ -274,49 +339,24 @@ class Subscriber:
                 self._from_start.add(name)  # everything in it is newer than subscribe()
             return
         self._pending.discard(name)
+        self._known.add(name)
         parts = [TopicPartition(name, p) for p in sorted(topic.partitions)]
         parts = self._positions(parts, commit=False)
         self.consumer.incremental_assign(parts)
         self._took(parts)
 
     def _positions(self, parts: list[TopicPartition], commit: bool) -> list[TopicPartition]:
-        """Concrete start offsets: committed, else earliest/latest resolved now."""
-        if commit:
-            parts = self.consumer.committed(parts, timeout=self._timeout)
-        else:
-            parts = [TopicPartition(p.topic, p.partition) for p in parts]
-        missing = [p for p in parts if p.offset < 0]
-        if missing:
-            query = []
-            for p in missing:
-                earliest = p.topic in self._from_start or self.config.start == "earliest"
-                query.append(TopicPartition(p.topic, p.partition, -2 if earliest else -1))
-            try:
-                resolved = self.consumer.offsets_for_times(query, timeout=self._timeout)
-            except KafkaException as exc:
-                logger.warning("could not resolve Kafka start offsets (%s); using reset", exc)
-                for p, q in zip(missing, query, strict=True):
-                    p.offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
-                return parts
-            by_key = {(r.topic, r.partition): r.offset for r in resolved}
-            for p, q in zip(missing, query, strict=True):
-                offset = by_key.get((p.topic, p.partition), -1)
-                if offset < 0:
-                    offset = OFFSET_BEGINNING if q.offset == -2 else OFFSET_END
-                p.offset = offset
-            fixed = [
-                TopicPartition(p.topic, p.partition, p.offset) for p in missing if p.offset >= 0
-            ]
-            if commit and fixed:
-                # Later owners of these partitions start here too, so nothing
-                # published during a rebalance is skipped by "latest".
-                try:
-                    self.consumer.commit(offsets=fixed, asynchronous=False)
-                except KafkaException as exc:
-                    logger.warning("could not commit Kafka start offsets: %s", exc)
-        return parts
+        def earliest(topic: str) -> bool:
+            return (
+                topic in self._from_start
+                or self.config.start == "earliest"
+                or self._patterns.is_new(topic)  # appeared after its pattern
+            )
+
+        return start_positions(self.consumer, parts, commit, earliest, self._timeout)
 
     def _took(self, parts: list[TopicPartition], rebalance: bool = True) -> None:
+        self.inbox.assign(key_of(p) for p in parts)
         with self._cond:
             for p in parts:
                 self._next_gen += 1
@@ -324,8 +364,12 @@ class Subscriber:
             if rebalance:
                 self._assign_count += 1
                 self.rebalances += 1
-                self._paused = False
             self._cond.notify_all()
+        if rebalance and parts:
+            # librdkafka keeps a partition's pause across a re-assignment: give the
+            # new ones the state of the rest, which the reader loop then changes
+            # as one (a partition left paused would never be read again).
+            (self.consumer.pause if self._paused else self.consumer.resume)(parts)
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         try:
@@ -341,7 +385,8 @@ class Subscriber:
 
     def _reachable(self) -> bool:
         """True if a broker answers a metadata request within a second."""
-        topic = self._topics[0] if self._topics else None
+        # A named topic (not a regex: that would be looked up, or created, by name).
+        topic = next((t for t in self._topics if not t.startswith("^")), None)
         try:
             self.consumer.list_topics(topic, timeout=min(1.0, self._timeout))
         except (KafkaException, RuntimeError):
@@ -356,32 +401,26 @@ class Subscriber:
         with self._cond:
             for key in keys:
                 self._gen.pop(key, None)
-            self._chunks.forget(keys)
             self._cond.notify_all()
-        with self._ack_lock:
-            for key in keys:
-                self._acked.pop(key, None)
-        if self._leftover:
-            self._leftover = deque(d for d in self._leftover if (d.topic, d.token[0]) not in keys)
+        self.inbox.revoke(keys)
+        for key in keys:
+            self._acked.pop(key, None)
+            self._committed.pop(key, None)
+            self.acks.pop(key, None)
+        if self._leftover and self.grouped:
+            # In place: the inbox appends to this very deque.
+            kept = [d for d in self._leftover if (d.topic, d.token[0]) not in keys]
+            self._leftover.clear()
+            self._leftover.extend(kept)
 
     def _seek(self, name: str, where: Any) -> int:
         keys = [key for key in self._gen if key[0] == name]
         if not keys:
             return 0
-        if isinstance(where, str):
-            query = [TopicPartition(t, p, -2 if where == "earliest" else -1) for t, p in keys]
-        elif isinstance(where, float):
-            query = [TopicPartition(t, p, int(where * 1000)) for t, p in keys]
-        else:
-            query = [TopicPartition(t, p, int(where)) for t, p in keys]
-        if not isinstance(where, int):
-            query = self.consumer.offsets_for_times(query, timeout=self._timeout)
-        targets = [
-            TopicPartition(q.topic, q.partition, q.offset if q.offset >= 0 else OFFSET_END)
-            for q in query
-        ]
+        targets = seek_targets(self.consumer, keys, where, self._timeout)
         # Deliveries from the old position still queued are skipped (new generation).
         self._drop(targets)
+        self.inbox.rewind(name)
         for target in targets:
             try:
                 self.consumer.seek(target)
@@ -395,52 +434,11 @@ class Subscriber:
     # -- messages ---------------------------------------------------------------------------
 
     def _handle(self, msgs: list[Any]) -> None:
-        if not self.grouped and not self._chunks.partial:
-            # Hot path for broadcast subscribers: plain records need no offsets.
-            append = self._leftover.append
-            for index, m in enumerate(msgs):
-                if m.error() is not None or m.headers() is not None:
-                    self._handle_slow(msgs[index:])
-                    break
-                append(Delivery(m.topic(), m.value() or b"", None))
-            return
-        self._handle_slow(msgs)
-
-    def _handle_slow(self, msgs: list[Any]) -> None:
-        gens = self._gen
-        out = self._leftover
-        grouped = self.grouped
-        chunks = self._chunks
-        partial = chunks.partial
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() not in _IGNORED:
-                    self._on_error(err)
-                continue
-            topic = m.topic()
-            part = m.partition()
-            key = (topic, part)
-            gen = gens.get(key)
-            if gen is None:
-                continue  # revoked meanwhile
-            offset = m.offset()
-            headers = m.headers()
-            data = m.value()
-            if headers is not None:
-                chunk = next((v for k, v in headers if k == CHUNK_HEADER), None)
-                if chunk is not None:
-                    data = chunks.add(key, offset, chunk, data)
-                    if data is None:
-                        continue
-            safe = chunks.first_offset(key, offset + 1) if partial else offset + 1
-            if data is None:
-                data = b""
-            # Only group members commit, so only their deliveries carry a token.
-            token = (part, safe, gen) if grouped else None
-            out.append(Delivery(topic, data, token, headers))  # headers: trace context
+        self.inbox.handle(msgs)
         if self._outage_logged and msgs:
             self._outage_logged = False
+        if self.inbox.pending and self._wake is None:
+            self._wake = self.inbox.tick(time.monotonic(), self._paused)
 
     def _pause(self, pause: bool) -> None:
         parts = [TopicPartition(t, p) for t, p in self._gen]
@@ -450,13 +448,21 @@ class Subscriber:
 
     # -- offsets ----------------------------------------------------------------------------
 
+    def _take_acks(self) -> None:
+        """Turn the acknowledged tokens into offsets to commit (a delivery of a
+        partition revoked or rewound since counts for nothing)."""
+        gens, acked, committed = self._gen, self._acked, self._committed
+        for key, (_, offset, gen) in self.acks.copy().items():  # one C call: atomic
+            if gens.get(key) == gen and offset > committed.get(key, -1):
+                acked[key] = committed[key] = offset
+
     def _commit(self, asynchronous: bool, only: set[TP] | None = None) -> None:
         self._last_commit = time.monotonic()
-        with self._ack_lock:
-            if only is None:
-                acked, self._acked = self._acked, {}
-            else:
-                acked = {k: self._acked.pop(k) for k in only if k in self._acked}
+        self._take_acks()
+        if only is None:
+            acked, self._acked = self._acked, {}
+        else:
+            acked = {k: self._acked.pop(k) for k in only if k in self._acked}
         offsets = [TopicPartition(t, p, o) for (t, p), o in acked.items() if (t, p) in self._gen]
         if not offsets:
             return
@@ -468,14 +474,14 @@ class Subscriber:
 
     def _shutdown(self) -> None:
         try:
+            self._take_acks()
             if self.grouped and self._acked:
                 if self._reachable():
                     self._commit(asynchronous=False)
                 else:
                     # A commit would wait ~6 s for a coordinator that is not there.
-                    with self._ack_lock:
-                        count = len(self._acked)
-                        self._acked.clear()
+                    count = len(self._acked)
+                    self._acked.clear()
                     logger.warning(
                         "Kafka broker unreachable on close: the offsets of %d partition(s) "
                         "were not committed; their processed messages will come again",
