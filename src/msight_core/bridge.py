@@ -16,9 +16,9 @@ What it guarantees
     * **Exact bytes, order per topic.** Each message is published to the
       destination under the topic it had on the source (``Message.topic``, the
       real name when the bridge subscribed a pattern), optionally renamed with
-      ``prefix`` and ``remap``, unchanged, in the order received. A Kafka
-      destination keeps that order only with ``KafkaConfig.ordered``
-      (``open_backend`` and ``msight bridge`` set it; the bridge warns otherwise).
+      ``prefix`` and ``remap``, unchanged, in the order received (a Kafka
+      destination stamps the bridge's messages, so msight subscribers there get
+      them in that order, and a group still shares the stream).
     * **Bounded memory.** The bridge reads with ``receive()`` and publishes at
       once; it holds at most one confirmation batch (``batch_messages`` /
       ``batch_bytes``). While the destination is away, ``publish()`` blocks
@@ -176,9 +176,9 @@ def open_backend(
 ) -> PubSubBackend:
     """One side of a bridge: ``get_pubsub()`` on :func:`side_env`'s mapping.
 
-    For a destination (``role="destination"``) Kafka publishes each topic
-    through one partition (``MSIGHT_KAFKA_ORDERED=true`` unless set), so the
-    order the bridge forwards in is the order subscribers see.
+    ``role`` is ``"source"`` or ``"destination"`` (checked). Both sides take the
+    backend's defaults (on Kafka: each publisher's order restored for msight
+    subscribers, a group sharing the stream).
 
     Raises:
         ConfigError, MissingDependencyError: as :func:`side_env` and ``get_pubsub()``.
@@ -186,8 +186,6 @@ def open_backend(
     if role not in ("source", "destination"):
         raise ConfigError(f"role must be 'source' or 'destination', got {role!r}")
     mapping = side_env(backend, url, settings, env)
-    if role == "destination" and backend == "kafka":
-        mapping.setdefault("MSIGHT_KAFKA_ORDERED", "true")
     return get_pubsub(group_id, env=mapping)
 
 
@@ -468,13 +466,6 @@ class Bridge:
                 "bridge does not resume where this one stopped; give it a group (the CLI "
                 "uses the bridge's name)",
                 type(self.source).__name__,
-            )
-        cfg = getattr(self.destination, "config", None)
-        if type(self.destination).__name__ == "KafkaPubSub" and not getattr(cfg, "ordered", True):
-            logger.warning(
-                "the Kafka destination is not ordered (KafkaConfig.ordered=False): messages of "
-                "one topic may be spread over partitions; set MSIGHT_KAFKA_ORDERED=true to "
-                "keep the source's order"
             )
 
     def _target(self, name: str) -> str | None:
