@@ -94,10 +94,12 @@ def test_demo_node_failure_is_one_error_line_without_traceback(cli: Any) -> None
     pytest.importorskip("msight_core.pubsub.nats")
     from msight_core.testing.brokers import NatsServer
 
-    # No JetStream and a 1 MB max_payload: the 6 MB frames cannot be carried.
+    # JetStream mode against a server without JetStream: no stream can be created.
     with NatsServer(jetstream=False) as server:
-        result = cli.run("demo", "--duration", "5", env=cli.env(server.env()), timeout=50)
+        env = cli.env({**server.env(), "MSIGHT_NATS_JETSTREAM": "true"})
+        result = cli.run("demo", "--duration", "5", env=env, timeout=50)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("msight: error: node ") and "PayloadTooLargeError" in last
+    assert last.startswith("msight: error: node ") and "BrokerError" in last, last
+    assert "refused to create the stream" in last and "JetStream enabled" in last, last

@@ -155,7 +155,8 @@ def translate(exc: BaseException, what: str) -> MsightError:
     if isinstance(exc, tls_errors):
         return BrokerUnavailableError(f"TLS with NATS failed ({what}): {type(exc).__name__}")
     if isinstance(exc, nats.js.errors.APIError):
-        return BrokerError(f"NATS JetStream refused {what}: {exc.description or exc.code}")
+        why = exc.description or exc.code or "no answer (is JetStream enabled on the server?)"
+        return BrokerError(f"NATS JetStream refused to {what}: {why}")
     if isinstance(
         exc,
         (
