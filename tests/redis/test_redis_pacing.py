@@ -94,6 +94,18 @@ def test_pacer_waits_for_a_client_then_gives_up_on_it_until_it_drains() -> None:
     assert pacer.must_wait(over, now=202.0)  # a new episode is waited for again
 
 
+def test_pacer_keeps_waiting_for_a_client_that_drains_slowly() -> None:
+    pacer = Pacer()
+    size, now = 3 * HIGH_BYTES, 100.0
+    for _ in range(20):  # 20 x MAX_WAIT, always a little less queued
+        assert pacer.must_wait({1: size}, now=now)
+        size -= 1000
+        now += MAX_WAIT * 0.9
+    assert pacer.must_wait({1: size}, now=now)  # it drained a little more
+    assert pacer.must_wait({1: size}, now=now + MAX_WAIT * 0.5)
+    assert not pacer.must_wait({1: size}, now=now + MAX_WAIT * 1.1)  # no progress since
+
+
 @pytest.mark.timeout(120)
 def test_a_slow_subscriber_gets_every_frame_of_a_flat_out_burst(
     redis_server: Any, unique_topic: str

@@ -12,10 +12,12 @@ So the writer sends at most :data:`CHECK_BYTES` (or one message, if larger)
 between looks at the subscribers' output buffers (``CLIENT LIST TYPE pubsub``,
 field ``omem``), and waits while one holds more than :data:`HIGH_BYTES`. The
 buffers then stay under ``HIGH_BYTES + CHECK_BYTES`` plus one message, far from
-the limit. A subscriber that stays above the mark for :data:`MAX_WAIT` seconds
-(stopped, hung, or just slower than the stream for good) is not waited for again
-until it drains: one stuck client costs the publisher ``MAX_WAIT`` once per
-episode, never a stall. The output buffers of every pub/sub client of the
+the limit. A subscriber above the mark that drains (its buffer shrinks between
+looks) is waited for as long as it makes progress: the publisher slows to what
+it reads instead of getting it disconnected. One that makes no progress for
+:data:`MAX_WAIT` seconds (stopped, hung) is not waited for again until it
+drains: a stuck client costs the publisher ``MAX_WAIT`` once per episode, never
+a stall. The output buffers of every pub/sub client of the
 server count, since ``CLIENT LIST`` does not say who listens to which channel.
 
 The looks also bound what is in flight: the writer reads the replies to what
@@ -44,7 +46,7 @@ logger = logging.getLogger("msight_core.pubsub.redis")
 CHECK_BYTES = 4 * 1024 * 1024
 #: A subscriber holding more than this on the server is waited for.
 HIGH_BYTES = 8 * 1024 * 1024
-#: Seconds a subscriber above the mark is waited for, per episode.
+#: Seconds a subscriber above the mark that makes no progress is waited for, per episode.
 MAX_WAIT = 0.5
 #: Seconds between looks while waiting.
 POLL = 0.001
@@ -73,7 +75,8 @@ class Pacer:
     def __init__(self) -> None:
         self.enabled = True
         self.unsent_check = 0  # bytes sent since the last look
-        self.over_since: dict[int, float] = {}  # client id -> when it went above the mark
+        # client id -> (when it last made progress above the mark, its omem then)
+        self.over_since: dict[int, tuple[float, int]] = {}
         self.waited = 0.0
         """Seconds the writer waited for subscribers to drain."""
         self.looks = 0
@@ -94,7 +97,13 @@ class Pacer:
             del over[cid]
         waiting = False
         for cid, size in omem.items():
-            if size > HIGH_BYTES and now - over.setdefault(cid, now) < MAX_WAIT:
+            if size <= HIGH_BYTES:
+                continue
+            since, last = over.get(cid, (now, size))
+            if size < last:  # it drains: progress, keep waiting for it
+                since = now
+            over[cid] = (since, size)
+            if now - since < MAX_WAIT:
                 waiting = True
         return waiting
 
