@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,7 @@ class Destination:
         self.capacity = min(INITIAL_BYTES, config.max_frame_bytes + SLACK)
         self.closed = False
         self.samples = 0
+        self.last_reached = 0.0  # monotonic time of the last sample that reached a subscriber
 
     def subscribers(self) -> int:
         """Subscriber ports connected now (a dead process counts until cleaned up)."""
@@ -135,6 +137,7 @@ class Destination:
         reached = int(self._init(sample).send())
         self.samples += 1
         if reached:
+            self.last_reached = time.monotonic()
             try:
                 self.notifier.notify()
             except Exception:  # subscribers also poll on their own

@@ -45,6 +45,9 @@ BATCH_BYTES = 1024 * 1024
 _BATCH_COUNT = 8192
 #: A message published this long after the previous one is sent at once, unbatched.
 _IDLE = 0.001
+#: Seconds ``close()`` keeps the ports after a sample reached a subscriber, so the
+#: subscriber can still map them and take it.
+CLOSE_LINGER = 0.25
 _monotonic = time.monotonic
 _warned_loan_refs = False
 
@@ -250,6 +253,13 @@ class Publisher:
                 logger.warning("shm: %d message(s) to %r lost on close: %s",
                                len(self._pending), self.topic, exc)  # fmt: skip
             self.closed = True
+            # A subscriber maps a publisher's segment when it next receives; if the
+            # port is gone by then, what it was sent is lost (iceoryx2 issue #39).
+            # So a publisher that just reached someone lingers a moment.
+            dests = [self.broadcast, *self.router.destinations()]
+            since = _monotonic() - max(d.last_reached for d in dests)
+            if since < CLOSE_LINGER:
+                time.sleep(CLOSE_LINGER - since)
             self.router.close()
             self.broadcast.close()
 
