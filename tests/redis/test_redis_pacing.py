@@ -107,9 +107,13 @@ def test_pacer_keeps_waiting_for_a_client_that_drains_slowly() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_slow_subscriber_gets_every_frame_of_a_flat_out_burst(
-    redis_server: Any, unique_topic: str
-) -> None:
+def test_a_slow_subscriber_gets_every_frame_of_a_flat_out_burst(unique_topic: str) -> None:
+    # A server of its own, with the default limits and no other test's clients.
+    with RedisServer() as server:
+        _slow_subscriber_burst(server, unique_topic)
+
+
+def _slow_subscriber_burst(redis_server: Any, unique_topic: str) -> None:
     frames, size = 60, 2 * MB  # 120 MB flat out, four times the server's limit
     reader = SlowReader(redis_server, unique_topic, rate=60 * MB)
     try:
