@@ -193,6 +193,7 @@ def test_data_serializes_straight_into_a_loan(make: Callable[..., ShmPubSub]) ->
             assert got == value
             arrays = [a for a in vars(got).values() if isinstance(a, np.ndarray) and a.size > 1000]
             assert all(not a.flags.writeable for a in arrays)  # views of shared memory
+            del got, arrays  # the arrays hold the view: let it go before the next one
     with pub.loan("cam.d", 10) as buf, pytest.raises(ValueError, match="too small"):
         image.serialize_into(buf)
     with pytest.raises(TypeError, match="writable"):
