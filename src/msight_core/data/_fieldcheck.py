@@ -69,8 +69,15 @@ def _hints_per_field(cls: type) -> dict[str, Any]:
         for name, annotation in inspect.get_annotations(klass).items():
             if isinstance(annotation, str):
                 try:
-                    # The class's own source text, never anything from a message.
-                    annotation = eval(annotation, globalns, dict(vars(klass)))
+                    # The class's own source text, never anything from a message,
+                    # resolved as inspect resolves string annotations.
+                    def holder() -> None:  # a fresh carrier: thread-safe
+                        pass
+
+                    holder.__annotations__ = {name: annotation}
+                    annotation = inspect.get_annotations(
+                        holder, eval_str=True, globals=globalns, locals=dict(vars(klass))
+                    )[name]
                 except Exception:  # noqa: BLE001 - unresolvable: left unchecked
                     annotation = Any
             hints[name] = annotation

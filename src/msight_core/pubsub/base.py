@@ -26,7 +26,7 @@ Example:
         with get_pubsub() as pubsub:          # MSIGHT_PUBSUB_BACKEND, default redis
             pubsub.subscribe("camera1.frames")
             for payload in pubsub.listen():   # bytes, until close()
-                print(len(payload))
+                handle(payload)             # your code
 """
 
 from __future__ import annotations
