@@ -214,18 +214,15 @@ class Publisher:
     def _rebuild(self) -> None:
         epochs = kerr.EpochWatch(self.request_rebuild)
         new = self._new_producer(epochs)
-        with self._swap_lock:
+        with self._swap_lock:  # retiring first: pending() counts the old one's messages
+            self._retiring.append((self.producer, self._epochs, time.monotonic() + _RETIRE_WAIT))
             old, self.producer = self.producer, new
             old_epochs, self._epochs = self._epochs, epochs
             reason, self._rebuild_reason = self._rebuild_reason, None
         old_epochs.retired = True
         self.rebuilds += 1
-        logger.warning(
-            "replaced the Kafka producer (%s); re-sending the %d message(s) it had not delivered",
-            reason,
-            len(old),
-        )
-        self._retiring.append((old, old_epochs, time.monotonic() + _RETIRE_WAIT))
+        msg = "replaced the Kafka producer (%s); re-sending the %d message(s) it had not delivered"
+        logger.warning(msg, reason, len(old))
         self._purge(old)
 
     @staticmethod
@@ -277,13 +274,15 @@ class Publisher:
 
     def _resend(self) -> None:
         now = time.monotonic()
+        # An item leaves the queue only once it is with the producer: pending() counts it.
         for _ in range(len(self._retry)):
-            item = self._retry.popleft()
+            item = self._retry[0]  # callbacks only append: the head stays this item
             if now >= item.deadline:
+                self._retry.popleft()
                 self._record_failure(item.topic, item.reason)
                 continue
             if item.topic in self._missing:
-                self._retry.append(item)
+                self._retry.rotate(-1)
                 continue
             callback = functools.partial(self._on_delivery_with, item.headers, item.deadline)
             # The same partition keeps a stamped record's place (if the topic still has it).
@@ -301,20 +300,20 @@ class Publisher:
                         headers=item.headers,
                     )
             except BufferError:
-                self._retry.appendleft(item)  # full: the next round
-                return
+                return  # full: the next round
             except KafkaException as exc:
                 err = kerr.fatal_error(exc)
                 if err is not None:
                     self.request_rebuild(err.str())
-                    self._retry.appendleft(item)
                     return
                 if kerr.code_of(exc) in kerr.TOPIC_MISSING:
                     self._missing.setdefault(item.topic, now + _ENSURE_INTERVAL)
-                    self._retry.append(item)
+                    self._retry.rotate(-1)
                     continue
+                self._retry.popleft()
                 self._record_failure(item.topic, str(exc))
                 continue
+            self._retry.popleft()
             self.resent += 1
 
     # -- caller side ------------------------------------------------------------------
