@@ -44,7 +44,6 @@ its I/O threads and bounded receive queue:
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 from ..config import backend_name
@@ -105,33 +104,27 @@ def get_async_pubsub(
         MissingDependencyError: the backend's extra is not installed.
     """
     from ..errors import ConfigError
+    from ..pubsub.utils import backend_config
 
     name = backend_name(env)
+    if name == "shm":
+        raise ConfigError(
+            f"MSIGHT_PUBSUB_BACKEND={name} has no asyncio backend yet; use the synchronous "
+            "get_pubsub() in a worker thread"
+        )
+    config = backend_config(name, group_id, env)
     if name == "redis":
-        from ..config import load_redis_config
         from .redis import AsyncRedisPubSub
 
-        if group_id is not None:
-            logging.getLogger(__name__).info(
-                "group_id %r ignored: Redis pub/sub has no groups", group_id
-            )
-        return AsyncRedisPubSub(load_redis_config(env))
+        return AsyncRedisPubSub(config)
     if name == "nats":
-        from ..pubsub.utils import get_nats_config
         from .nats import AsyncNATSPubSub
 
-        return AsyncNATSPubSub(get_nats_config(group_id, env=env))
+        return AsyncNATSPubSub(config)
     if name == "kafka":
-        from ..pubsub.utils import get_kafka_config
         from .kafka import AsyncKafkaPubSub
 
-        return AsyncKafkaPubSub(get_kafka_config(group_id, env=env))
-    if name == "memory":
-        from ..config import load_queue_config
-        from .memory import AsyncMemoryPubSub
+        return AsyncKafkaPubSub(config)
+    from .memory import AsyncMemoryPubSub
 
-        return AsyncMemoryPubSub(group_id=group_id, queue=load_queue_config(env))
-    raise ConfigError(
-        f"MSIGHT_PUBSUB_BACKEND={name} has no asyncio backend yet; use the synchronous "
-        "get_pubsub() in a worker thread"
-    )
+    return AsyncMemoryPubSub(group_id=group_id, queue=config)

@@ -63,36 +63,26 @@ def get_pubsub(group_id: str | None = None, env: Mapping[str, str] | None = None
         ConfigError: unknown backend name or invalid ``MSIGHT_*`` value.
         MissingDependencyError: the backend's extra is not installed.
     """
+    from .utils import backend_config
+
     name = backend_name(env)
+    config = backend_config(name, group_id, env)
     if name == "redis":
-        from ..config import load_redis_config
         from .redis import RedisPubSub
 
-        if group_id is not None:
-            import logging
-
-            logging.getLogger(__name__).info(
-                "group_id %r ignored: Redis pub/sub has no groups (every subscriber gets "
-                "every message); use nats or kafka for load balancing",
-                group_id,
-            )
-        return RedisPubSub(load_redis_config(env))
+        return RedisPubSub(config)
     if name == "nats":
         from .nats import NATSPubSub
-        from .utils import get_nats_config
 
-        return NATSPubSub(get_nats_config(group_id, env=env))
+        return NATSPubSub(config)
     if name == "kafka":
         from .kafka import KafkaPubSub
-        from .utils import get_kafka_config
 
-        return KafkaPubSub(get_kafka_config(group_id, env=env))
+        return KafkaPubSub(config)
     if name == "shm":
-        from ..config import load_shm_config
         from .shm import ShmPubSub
 
-        return ShmPubSub(load_shm_config(env), group_id=group_id)
-    from ..config import load_queue_config
+        return ShmPubSub(config, group_id=group_id)
     from .memory import MemoryPubSub
 
-    return MemoryPubSub(group_id=group_id, queue=load_queue_config(env))
+    return MemoryPubSub(group_id=group_id, queue=config)
