@@ -69,7 +69,13 @@ from .errors import (
     PublishError,
 )
 from .pubsub import PubSubBackend, get_pubsub
-from .topics import is_topic_pattern, topic_matcher, validate_topic_name, validate_topic_pattern
+from .topics import (
+    is_topic_pattern,
+    subscription_set,
+    topic_matcher,
+    validate_topic_name,
+    validate_topic_pattern,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -398,7 +404,7 @@ class Bridge:
             else:
                 validate_topic_name(topic)
             names.append(topic)
-        self.topics = tuple(dict.fromkeys(names))
+        self.topics = tuple(subscription_set(names))  # each message forwarded once
         if prefix:
             validate_topic_name(prefix + "x")  # a name can follow it
         self.prefix = prefix

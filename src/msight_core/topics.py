@@ -46,7 +46,10 @@ __all__ = [
     "get_topic",
     "is_topic_pattern",
     "list_topics",
+    "pattern_covers",
+    "patterns_overlap",
     "subscription_name",
+    "subscription_set",
     "topic_filter",
     "topic_matcher",
     "topic_name",
@@ -181,6 +184,65 @@ def topic_filter(subscriptions: Iterable[str]) -> Callable[[str], bool]:
         return topic in names or any(m.fullmatch(topic) for m in matchers)
 
     return covers
+
+
+def pattern_covers(wide: str, narrow: str) -> bool:
+    """True if every topic ``narrow`` (a name or pattern) matches, ``wide`` matches too.
+
+    ``camera1.>`` covers ``camera1.*`` and ``camera1.left.raw``; ``camera1.*``
+    covers ``camera1.frames`` but not ``camera1.>``. Both must be valid.
+    """
+    w, n = wide.split("."), narrow.split(".")
+    for i, token in enumerate(w):
+        if token == ">":
+            return i < len(n)  # one or more tokens left in narrow: any of them
+        if i >= len(n) or n[i] == ">" or (token != "*" and (n[i] == "*" or n[i] != token)):
+            return False
+    return len(n) == len(w)
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """True if some topic is matched by both ``a`` and ``b`` (names or patterns)."""
+    x, y = a.split("."), b.split(".")
+    for i in range(max(len(x), len(y))):
+        if i >= len(x) or i >= len(y):
+            return False
+        if ">" in (x[i], y[i]):
+            return True
+        if "*" not in (x[i], y[i]) and x[i] != y[i]:
+            return False
+    return True
+
+
+def subscription_set(entries: Iterable[Any]) -> list[str]:
+    """Validated subscriptions with repeats and covered entries left out, in order.
+
+    A message on a topic that several of one instance's subscriptions match
+    arrives once per matching subscription on Redis, NATS, memory and shm (the
+    brokers deliver per subscription), and once on Kafka. Tools that take a
+    list (``msight record``, ``view``, ``hz``, ``bw``, the bridge) subscribe to
+    this set so ``camera1.frames 'camera1.*'`` records each frame once; two
+    patterns that only partly overlap are kept both, with a warning.
+
+    Raises:
+        InvalidTopicError: an entry is neither a portable name nor a portable pattern.
+    """
+    wanted = list(dict.fromkeys(subscription_name(e) for e in entries))
+    kept = [
+        entry
+        for i, entry in enumerate(wanted)
+        if not any(j != i and pattern_covers(other, entry) for j, other in enumerate(wanted))
+    ]
+    for i, entry in enumerate(kept):
+        for other in kept[i + 1 :]:
+            if patterns_overlap(entry, other):
+                logger.warning(
+                    "subscriptions %r and %r overlap: a topic both match arrives once per "
+                    "subscription (on Kafka once)",
+                    entry,
+                    other,
+                )
+    return kept
 
 
 def topic_name(topic: Any) -> str:

@@ -156,6 +156,21 @@ def test_prefix_and_remap_name_the_destination(made: list[Any]) -> None:
     assert bridge.stats().per_topic == {"cam.a": 1, "cam.b": 1}
 
 
+def test_overlapping_topics_are_forwarded_once(made: list[Any]) -> None:
+    """Subscribed to a name and a pattern covering it, a source would deliver twice."""
+    a, b = MemoryBroker(), MemoryBroker()
+    sub = _memory(made, b)
+    sub.subscribe("cam.>")
+    bridge = Bridge(_memory(made, a), _memory(made, b), ["cam.a", "cam.*", "cam.a"], loop_window=0)
+    assert bridge.topics == ("cam.*",)
+    made.append(bridge.start())
+    pub = _memory(made, a)
+    for i in range(3):
+        pub.publish("cam.a", b"%d" % i)
+    got = _collect(sub, 4, 1.0)
+    assert [m.data for m in got] == [b"0", b"1", b"2"]
+
+
 # -- loops ---------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 from ..config import kafka_client_conf, load_kafka_config, load_nats_config, mask_url
 from ..errors import MissingDependencyError
 from ..pubsub import get_pubsub
-from ..topics import is_topic_pattern, subscription_name
+from ..topics import is_topic_pattern, subscription_set
 from .common import CliError, Target, fmt_bytes, refuse_in_process, render_table, resolve_target
 from .tools import escape_control
 
@@ -99,7 +99,7 @@ def format_bw(topic: str, window: RateWindow) -> str:
 
 def run_rate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``msight hz`` / ``msight bw``: report until Ctrl-C, SIGTERM or ``--duration``."""
-    topics = [subscription_name(t) for t in args.topics]
+    topics = subscription_set(args.topics)
     if args.window < 2:
         raise CliError("--window must be at least 2", code=2)
     if not args.interval > 0:

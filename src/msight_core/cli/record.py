@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 from ..errors import DeserializationError
 from ..pubsub import get_pubsub
-from ..topics import subscription_name
+from ..topics import subscription_set
 from .common import CliError, fmt_bytes, parse_size, refuse_in_process, resolve_target
 from .mcapfile import COMPRESSIONS, McapFileWriter
 
@@ -411,7 +411,7 @@ def _options(args: argparse.Namespace) -> RecordOptions:
 
 def run_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run ``msight record``; SIGINT and SIGTERM stop it cleanly."""
-    topics = [subscription_name(t) for t in args.topics]
+    topics = subscription_set(args.topics)
     options = _options(args)
     target = resolve_target(args.backend, embedded="never")
     refuse_in_process(target, "record")

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import DeserializationError, MissingDependencyError
 from ..pubsub import get_pubsub
-from ..topics import subscription_name
+from ..topics import subscription_set
 from .common import CliError, refuse_in_process, resolve_target
 
 __all__ = ["FoxgloveBridge", "add_parser", "run_view", "summary"]
@@ -317,7 +317,7 @@ def add_parser(sub: Any, backend_args: Callable[..., None]) -> None:
 
 def run_view(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run ``msight view`` until Ctrl-C, SIGTERM, --duration or the end of --file."""
-    topics = [subscription_name(t) for t in args.topics]
+    topics = subscription_set(args.topics)
     if not topics and not args.file:
         raise CliError("name the live TOPICs to show, or a recording with --file", code=2)
     if not args.rate > 0:

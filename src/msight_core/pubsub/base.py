@@ -117,7 +117,10 @@ class PubSubBackend(ABC):
         message published after ``subscribe()`` returns is delivered; on Redis
         and core NATS nothing published before is. Several topics may be
         subscribed on one instance; subscribing twice to the same topic is a
-        no-op. Thread-safe.
+        no-op. A message that several of an instance's subscriptions match (a
+        name and a pattern covering it) arrives once per match on Redis, NATS
+        and memory, once on Kafka; :func:`~msight_core.topics.subscription_set`
+        leaves covered entries out. Thread-safe.
 
         Args:
             topic: a :class:`~msight_core.topics.Topic` (anything with ``.name``)
