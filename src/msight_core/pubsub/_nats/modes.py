@@ -17,6 +17,7 @@ the strategy for everything that differs between the two.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -35,6 +36,8 @@ logger = logging.getLogger("msight_core.pubsub.nats")
 _SUB_PENDING_MSGS = 1_000_000
 _SUB_PENDING_BYTES = 512 * 1024 * 1024
 _ACK_BATCH = 64  # JetStream acks held back at most before they are sent
+# How long close() waits for the server's group consumers to see our member go.
+_UNBIND_WAIT = 0.25
 
 Run = Callable[[Coroutine[Any, Any, Any], float | None, str], Any]
 Drain = Callable[[], Coroutine[Any, Any, None]]
@@ -131,6 +134,7 @@ class JetStreamMode:
         # hands): negatively acknowledged on close so the group gets them at once.
         self._outstanding: dict[str, None] = {}
         self._acks: list[bytes] = []  # processed, acknowledgement not yet handed over
+        self._bound: set[str] = set()  # topics subscribed through the group's consumer
 
     def prepare(self, name: str) -> None:
         """Before publishing to or subscribing ``name``: its stream exists (blocks)."""
@@ -169,6 +173,7 @@ class JetStreamMode:
         if group:
             durable = durable_name(group)
             binding = {"queue": durable, "durable": durable}
+            self._bound.add(name)
         sub = await nc.jetstream(timeout=cfg.publish.timeout).subscribe(
             name,
             stream=self._streams[name],
@@ -224,7 +229,7 @@ class JetStreamMode:
             # callback, to be returned to the group below.
             assert self._run is not None, "the asyncio backend uses astop()"
             try:
-                self._run(drain(), self._config.publish.timeout, "stop deliveries")
+                self._run(self._leave(nc, drain), self._config.publish.timeout, "stop deliveries")
             except MsightError:
                 logger.debug("stopping JetStream deliveries failed", exc_info=True)
         self._return_unprocessed(nc)
@@ -235,10 +240,38 @@ class JetStreamMode:
         nc = self._client()
         if nc is not None and drain is not None and nc.is_connected:
             try:
-                await run_here(drain(), self._config.publish.timeout, "stop deliveries")
+                await run_here(
+                    self._leave(nc, drain), self._config.publish.timeout, "stop deliveries"
+                )
             except MsightError:
                 logger.debug("stopping JetStream deliveries failed", exc_info=True)
         self._return_unprocessed(nc)
+
+    async def _leave(self, nc: Any, drain: Drain) -> None:
+        """Unsubscribe, then wait (bounded) until each group consumer no longer
+        counts us as bound: the server learns of a lost interest asynchronously,
+        and until it does it pushes new messages to our vanished inbox, where
+        they would wait out ``ack_wait`` instead of going to the next member
+        (seen 1 hand-over in 300). While other members stay, the consumer stays
+        bound and this waits the whole bound."""
+        await drain()
+        group, bound, self._bound = self._config.group_id, self._bound, set()
+        if not group or not bound:
+            return
+        jsm = nc.jsm(timeout=_UNBIND_WAIT)
+        deadline = asyncio.get_running_loop().time() + _UNBIND_WAIT
+        waiting = {self._streams[name] for name in bound if name in self._streams}
+        while waiting and asyncio.get_running_loop().time() < deadline:
+            for stream in list(waiting):
+                try:
+                    info = await jsm.consumer_info(stream, durable_name(group))
+                except Exception:  # gone, or no answer in time: nothing to wait for
+                    logger.debug("consumer info for %s on close", stream, exc_info=True)
+                    info = None
+                if info is None or not info.push_bound:
+                    waiting.discard(stream)
+            if waiting:
+                await asyncio.sleep(0.01)
 
     def _return_unprocessed(self, nc: Any) -> None:
         if nc is not None and self._outstanding:
