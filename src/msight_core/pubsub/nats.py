@@ -63,6 +63,7 @@ from typing import Any
 from ..config import NatsConfig, load_nats_config
 from ..errors import BackpressureError, MsightError
 from ._core import Delivery, QueueBackend
+from ._nats.internals import confirm
 from ._nats.modes import CoreMode
 from ._nats.native import LoopClient as NATSLoopClient
 from ._nats.parts import assemble, counters, trace_lines
@@ -193,7 +194,7 @@ class NATSPubSub(QueueBackend):
         self._publisher.wait_drained(budget)
         remaining = max(deadline - time.monotonic(), 0.05)
         try:
-            conn.run(conn.client.flush(remaining), remaining + 0.5, "flush")
+            conn.run(confirm(conn.client, remaining), remaining + 0.5, "flush")
         except MsightError as exc:
             raise BackpressureError(f"flush: {exc}") from None
 

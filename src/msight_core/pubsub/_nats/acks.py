@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from ...errors import MsightError, PublishError
+from . import internals
 from .commands import Commands, Tracked
 from .frames import LargeFrames
 
@@ -163,7 +164,7 @@ class Receipts:
             if nc is None or not nc.is_connected or handed <= self.confirmed:
                 continue
             try:
-                await nc.flush(max(self.timeout, 1.0))
+                await internals.confirm(nc, max(self.timeout, 1.0))
             except Exception as exc:  # noqa: BLE001 - a disconnect is counted by lost_connection()
                 logger.debug("confirming PING failed: %s", type(exc).__name__)
                 continue

@@ -18,6 +18,7 @@ direct read       ``Client._transport`` (``_io_reader`` and   nats-py's reads th
 JetStream routes  ``PushSubscription._sub``, ``._jsi._ccreq``  nats-py's callbacks
 send buffer       ``Client._send_command``, ``_flush_pending``  ``Client.publish`` and
                                                               ``Client.flush``
+round trip        ``Client._flush_pending`` before the PING   two ``Client.flush``
 direct write      ``Client._transport`` (``_io_writer``),     the send buffer
                   ``_pending``, ``_pending_data_size``
 server info       ``Client._server_info["jetstream"]``        a JetStream account-info
@@ -47,6 +48,7 @@ __all__ = [
     "Wire",
     "can_lift_reconnect_limit",
     "client_hooks",
+    "confirm",
     "core_route",
     "install_parser",
     "jetstream_route",
@@ -261,6 +263,30 @@ def _direct_ok(nc: Any) -> bool:
     )
 
 
+async def confirm(nc: Any, timeout: float) -> None:
+    """A round trip after which the server has processed every command queued before.
+
+    nats-py's ``flush()`` writes its PING straight to the transport, ahead of
+    commands still waiting in its send buffer for the flusher task (a SUB just
+    made, PUBs), so its PONG can come back before the server saw them: a
+    subscription "confirmed" that way missed messages published right after,
+    and a permission refusal arrived after the PONG. The buffer is written out
+    first; on the public path a second round trip follows the first (the
+    flusher wrote the buffer while the first PING was out).
+
+    Raises:
+        whatever ``Client.flush`` raises (timeout, closed connection).
+    """
+    if not FORCE_PUBLIC and _check(nc, "send buffer", _send_buffer_ok):
+        if _path("round trip", True) and nc.is_connected:
+            await nc._flush_pending(force_flush=True)
+        await nc.flush(timeout)
+        return
+    _path("round trip", False)
+    await nc.flush(timeout)
+    await nc.flush(timeout)
+
+
 class Wire:
     """How the writer hands protocol commands to one connected nats-py client.
 
@@ -331,7 +357,7 @@ class Wire:
         """A PING and its PONG: the server has processed everything written before."""
         self.unconfirmed = 0
         try:
-            await self._nc.flush(max(self._timeout, 1.0))
+            await confirm(self._nc, max(self._timeout, 1.0))
         except Exception as exc:  # noqa: BLE001 - a disconnect is reported elsewhere
             logger.debug("pacing round trip failed: %s", type(exc).__name__)
 

@@ -26,6 +26,7 @@ from ...errors import BackpressureError, MsightError
 from ...tracing import outgoing
 from .._core import Delivery
 from ..base import Capabilities
+from . import internals
 from .commands import header_lines
 from .conn import run_here
 from .parts import assemble, counters, trace_lines
@@ -156,7 +157,7 @@ class LoopClient:
         await self._parts.publisher.settle(None, budget)
         remaining = max(deadline - loop.time(), 0.05)
         try:
-            await run_here(conn.client.flush(remaining), remaining + 0.5, "flush")
+            await run_here(internals.confirm(conn.client, remaining), remaining + 0.5, "flush")
         except MsightError as exc:
             raise BackpressureError(f"flush: {exc}") from None
 

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from ...errors import PermissionDeniedError
 from ...tracing import TRACE_HEADERS
 from .._core import Delivery
 from . import internals
@@ -280,8 +281,14 @@ class Subscriber:
         return self._parser.dropped if self._parser is not None else 0
 
     async def subscribe(self, name: str) -> None:
-        """Subscribe ``name``; returns once the server has the subscription."""
+        """Subscribe ``name``; returns once the server has the subscription.
+
+        Raises:
+            PermissionDeniedError: the server's permissions refuse the subject
+                (or, on core NATS, its large-frame chunk subject).
+        """
         nc = self._nc
+        before = nc.last_error  # the server reports a refusal as -ERR, before the PONG
         sub, key = await self._mode.subscribe(nc, name, self._on_message)
         self._subs[name] = sub
         parser = self._parser
@@ -296,7 +303,26 @@ class Subscriber:
                 parser.route(sid, self._direct, FRAME_MARKER)
         if self._mode.chunks and name not in self._side:
             await self._subscribe_chunks(nc, name)
-        await nc.flush(self._timeout)  # the server has the SUB now
+        await internals.confirm(nc, self._timeout)  # the server has the SUBs now
+        error = nc.last_error
+        if error is not None and error is not before:
+            await self._refused(name, str(error))
+
+    async def _refused(self, name: str, error: str) -> None:
+        """Raise if ``error`` (nats-py's last) refuses a subscription just made."""
+        if "permissions violation for subscription" not in error.lower():
+            return
+        refused = [s for s in (name, CHUNK_PREFIX + name) if f'"{s}"' in error]
+        if not refused:
+            return
+        for sub in (self._subs.pop(name, None), self._side.pop(name, None)):
+            if sub is not None:
+                await sub.unsubscribe()  # the server never had it: no deliveries
+        raise PermissionDeniedError(
+            f"NATS refused the subscription to {refused[0]!r}: the user's permissions do "
+            "not allow subscribing to it (see docs/guides/security.md for the subjects "
+            "msight needs)"
+        )
 
     async def _subscribe_chunks(self, nc: Any, name: str) -> None:
         """Core broadcast: large frames' chunks come on a side subject, before

@@ -1,0 +1,100 @@
+"""A subscription the server's permissions refuse raises PermissionDeniedError.
+
+nats-server answers a refused SUB with ``-ERR 'Permissions Violation for
+Subscription to "..."'`` and keeps the connection; without a check the
+subscriber would wait forever for messages that never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from msight_core.aio.nats import AsyncNATSPubSub
+from msight_core.errors import PermissionDeniedError
+from msight_core.pubsub import NATSPubSub
+from msight_core.pubsub.utils import get_nats_config
+from msight_core.testing.brokers import NatsServer
+from msight_core.testing.conformance import collect
+
+CONF = """
+authorization {
+  users = [
+    { user: reader, password: "reader-pw",
+      permissions: { publish: ["_INBOX.>", "_msight.frames.>"],
+                     subscribe: ["camera1.>", "_INBOX.>", "_msight.chunks.camera1.>",
+                                 "nochunks.>"] } }
+    { user: writer, password: "writer-pw",
+      permissions: { publish: [">"], subscribe: ["_INBOX.>"] } }
+  ]
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    conf = tmp_path_factory.mktemp("nats-perms") / "nats.conf"
+    conf.write_text(CONF)
+    with NatsServer(jetstream=False, extra_args=["-c", str(conf)]) as running:
+        yield running
+
+
+def _env(server: NatsServer, user: str) -> dict[str, str]:
+    return {
+        "MSIGHT_NATS_SERVERS": f"['{server.url}']",
+        "MSIGHT_NATS_USERNAME": user,
+        "MSIGHT_NATS_PASSWORD": f"{user}-pw",
+    }
+
+
+@pytest.mark.parametrize("group", [None, "workers"])
+def test_a_refused_subscription_raises_and_the_backend_goes_on(
+    server: NatsServer, group: str | None
+) -> None:
+    sub = NATSPubSub(get_nats_config(group, env=_env(server, "reader")))
+    pub = NATSPubSub(get_nats_config(env=_env(server, "writer")))
+    try:
+        with pytest.raises(PermissionDeniedError, match="secret.frames") as info:
+            sub.subscribe("secret.frames")
+        assert "reader-pw" not in str(info.value)
+        sub.subscribe("camera1.frames")  # allowed: works on the same connection
+        with pytest.raises(PermissionDeniedError):
+            sub.subscribe("secret.frames")  # not recorded as subscribed: refused again
+        pub.publish("secret.frames", b"never")
+        pub.publish("camera1.frames", b"seen")
+        pub.flush()
+        assert [m.data for m in collect(sub, 2, 3)] == [b"seen"]
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_refused_chunk_subject_is_reported_for_a_broadcast_subscriber(
+    server: NatsServer,
+) -> None:
+    """Core broadcast subscribers also read large frames' chunks: a user allowed the
+    topic but not its chunk subject would silently miss every large frame."""
+    sub = NATSPubSub(get_nats_config(env=_env(server, "reader")))
+    try:
+        with pytest.raises(PermissionDeniedError, match="_msight.chunks.nochunks.x"):
+            sub.subscribe("nochunks.x")
+    finally:
+        sub.close()
+    member = NATSPubSub(get_nats_config("g", env=_env(server, "reader")))
+    try:
+        member.subscribe("nochunks.x")  # a group member fetches frames point to point
+    finally:
+        member.close()
+
+
+def test_the_asyncio_backend_raises_too(server: NatsServer) -> None:
+    async def main() -> Any:
+        async with AsyncNATSPubSub(get_nats_config(env=_env(server, "reader"))) as sub:
+            with pytest.raises(PermissionDeniedError, match="secret.frames"):
+                await sub.subscribe("secret.frames")
+            await sub.subscribe("camera1.frames")
+
+    asyncio.run(main())
