@@ -1,8 +1,10 @@
-"""A subscription the server's permissions refuse raises PermissionDeniedError.
+"""What the server's permissions refuse is reported, not silently dropped.
 
-nats-server answers a refused SUB with ``-ERR 'Permissions Violation for
-Subscription to "..."'`` and keeps the connection; without a check the
-subscriber would wait forever for messages that never come.
+nats-server answers a refused SUB or PUB with ``-ERR 'Permissions Violation
+for Subscription/Publish to "..."'`` and keeps the connection. A refused
+subscription raises PermissionDeniedError from ``subscribe()``; a refused
+publish is raised by the next ``publish()`` or ``flush()`` as a PublishError
+caused by a PermissionDeniedError.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from msight_core.aio.nats import AsyncNATSPubSub
-from msight_core.errors import PermissionDeniedError
+from msight_core.errors import PermissionDeniedError, PublishError
 from msight_core.pubsub import NATSPubSub
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
@@ -28,7 +30,9 @@ authorization {
                      subscribe: ["camera1.>", "_INBOX.>", "_msight.chunks.camera1.>",
                                  "nochunks.>"] } }
     { user: writer, password: "writer-pw",
-      permissions: { publish: [">"], subscribe: ["_INBOX.>"] } }
+      permissions: { publish: ["camera1.>", "Camera3.>", "_msight.chunks.camera1.>",
+                               "_msight.frames.>", "_INBOX.>", "nochunks.>", "secret.>"],
+                     subscribe: ["_INBOX.>", "_msight.frames.>"] } }
   ]
 }
 """
@@ -96,5 +100,48 @@ def test_the_asyncio_backend_raises_too(server: NatsServer) -> None:
             with pytest.raises(PermissionDeniedError, match="secret.frames"):
                 await sub.subscribe("secret.frames")
             await sub.subscribe("camera1.frames")
+
+    asyncio.run(main())
+
+
+def test_a_refused_publish_is_raised_by_the_next_flush(server: NatsServer) -> None:
+    sub = NATSPubSub(get_nats_config(env=_env(server, "reader")))
+    pub = NATSPubSub(get_nats_config(env=_env(server, "writer")))
+    try:
+        sub.subscribe("camera1.frames")
+        pub.publish("camera1.frames", b"allowed-1")
+        pub.publish("Camera2.Frames", b"refused")  # not in the writer's publish list
+        pub.publish("camera1.frames", b"allowed-2")
+        with pytest.raises(PublishError, match="'Camera2.Frames'") as info:
+            pub.flush()
+        assert isinstance(info.value.__cause__, PermissionDeniedError)
+        pub.publish("camera1.frames", b"allowed-3")
+        pub.flush()  # reported once: nothing new was refused
+        got = [m.data for m in collect(sub, 3, 10)]
+        assert got == [b"allowed-1", b"allowed-2", b"allowed-3"]
+        assert pub.stats()["refused"] == 1
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_refused_large_frame_chunks_are_named(server: NatsServer) -> None:
+    """Allowed the topic but not its chunk subject: a large frame cannot go out."""
+    pub = NATSPubSub(get_nats_config(env=_env(server, "writer")))
+    try:
+        pub.publish("Camera3.big", bytes(3 * 1024 * 1024))  # above max_payload: chunked
+        with pytest.raises(PublishError, match="large-frame chunks of 'camera3.big'"):
+            pub.flush()  # (nats-py lowercases the server's text; frames keep no name map)
+    finally:
+        pub.close()
+
+
+def test_the_asyncio_backend_reports_a_refused_publish(server: NatsServer) -> None:
+    async def main() -> None:
+        async with AsyncNATSPubSub(get_nats_config(env=_env(server, "writer"))) as pub:
+            await pub.publish("camera2.frames", b"refused")
+            with pytest.raises(PublishError) as info:
+                await pub.flush()
+            assert isinstance(info.value.__cause__, PermissionDeniedError)
 
     asyncio.run(main())

@@ -197,6 +197,7 @@ class NATSPubSub(QueueBackend):
             conn.run(confirm(conn.client, remaining), remaining + 0.5, "flush")
         except MsightError as exc:
             raise BackpressureError(f"flush: {exc}") from None
+        self._publisher.raise_error()  # a refusal comes before the round trip's PONG
 
     def _ack(self, delivery: Delivery) -> None:
         self._mode.ack(delivery.token)

@@ -4,7 +4,8 @@ Nothing outside ``pubsub/nats.py`` (and the tests) may import from here; the
 names and signatures change without notice.
 
 * :mod:`.conn` -- the event-loop thread, client options, error translation and
-  the :class:`~.conn.Connection` (connect, reconnect bookkeeping, callbacks).
+  the :class:`~.conn.Connection` (connect, reconnect bookkeeping, callbacks);
+  :mod:`.listeners` -- what it tells the other roles.
 * :mod:`.publisher` -- :class:`~.publisher.Publisher`: the outgoing buffer and
   the writer coroutine; :mod:`.acks` -- its JetStream ack tracking and receipts.
 * :mod:`.subscriber` -- :class:`~.subscriber.Subscriber`: subscriptions, the
@@ -23,8 +24,8 @@ names and signatures change without notice.
 * :mod:`.native` -- :class:`~.native.LoopClient`: the roles on the caller's own
   loop, for the asyncio backend (exposed as ``pubsub.nats.NATSLoopClient``).
 
-Imports go one way: ``internals``, ``chunks``, ``receiver``, ``routes`` and
-``streams`` import nothing from here (``frames`` only ``chunks``, ``commands``
+Imports go one way: ``internals``, ``chunks``, ``listeners``, ``receiver``, ``routes``
+and ``streams`` import nothing from here (``frames`` only ``chunks``, ``commands``
 only ``frames``, ``parser`` only ``receiver`` and ``routes``, ``emit`` only
 ``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.

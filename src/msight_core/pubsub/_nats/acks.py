@@ -17,8 +17,9 @@ import threading
 import time
 from typing import Any
 
-from ...errors import MsightError, PublishError
+from ...errors import MsightError, PermissionDeniedError, PublishError
 from . import internals
+from .chunks import CHUNK_PREFIX
 from .commands import Commands, Tracked
 from .frames import LargeFrames
 
@@ -60,6 +61,8 @@ class Receipts:
     _ack_sub: Any
     _retry_ids: list[int]
     _large: LargeFrames
+    _prefixes: dict[str, bytes]
+    refusals = 0  # publishes the server's permissions refused
     # The publisher's own: wake() (run the writer) and _signal() (room was made).
 
     def requeue_unacked(self, older_than: float | None = None) -> int:
@@ -169,6 +172,45 @@ class Receipts:
                 logger.debug("confirming PING failed: %s", type(exc).__name__)
                 continue
             self.confirmed = max(self.confirmed, handed)
+
+    def refused(self, text: str) -> None:
+        """The server refused a command (on the loop). A refused publish is raised
+        by the next ``publish()`` or ``flush()`` as a ``PublishError`` caused by a
+        ``PermissionDeniedError``; a refused subscription by ``subscribe()``."""
+        if "for publish to" not in text.lower():
+            return
+        quoted = text.split('"')
+        subject = quoted[1] if len(quoted) > 2 else "?"
+        # nats-py lowercases the server's text: find the topic as it was written.
+        base = subject.removeprefix(CHUNK_PREFIX)
+        topic = next((t for t in list(self._prefixes) if t.lower() == base), base)
+        what = f"the large-frame chunks of {topic!r}" if base != subject else repr(topic)
+        self.refusals += 1
+        if self.refusals == 1 or self.refusals % 1000 == 0:
+            logger.error(
+                "NATS refused to publish to %s: the user's permissions do not allow it "
+                "(%d refused so far)",
+                what,
+                self.refusals,
+            )
+        with self._cond:
+            if self._error is None:
+                error = PublishError(f"NATS refused a message to {what} (permissions)")
+                error.__cause__ = PermissionDeniedError(
+                    f"the NATS user may not publish to {subject!r}"
+                )
+                self._error = error
+
+    def raise_error(self) -> None:
+        """Raise what failed since the last ``publish()``/``flush()`` (any thread).
+
+        Raises:
+            PublishError: a message was refused or not stored.
+        """
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def lost_connection(self) -> int:
         """On the loop, at a disconnect: count messages the server may not have got.

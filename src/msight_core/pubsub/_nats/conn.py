@@ -19,8 +19,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -32,6 +31,7 @@ from ...errors import (
     MissingDependencyError,
     MsightError,
 )
+from .listeners import Listeners
 
 try:
     import nats
@@ -202,26 +202,6 @@ def client_options(config: NatsConfig) -> dict[str, Any]:
     if inline is not None and not isinstance(inline, str):
         options["user_credentials"] = RawCredentials(str(inline))  # nats-py's own type for it
     return options
-
-
-@dataclass(frozen=True)
-class Listeners:
-    """What a :class:`Connection` tells the rest of the backend; called on the loop."""
-
-    created: Callable[[Any], None]
-    """A client was made and is about to connect (install the parser now)."""
-    connected: Callable[[Any], None]
-    """The client connected for the first time."""
-    lost: Callable[[], int]
-    """The connection was lost: how many sent messages may be lost with it."""
-    restored: Callable[[], int]
-    """The client reconnected: how many buffered messages go out now."""
-    dropped: Callable[[int], None]
-    """nats-py dropped a message of the subscription with this id (slow consumer)."""
-    closed: Callable[[BaseException], None]
-    """The connection closed for good, not by us."""
-    topics: Callable[[], Iterable[str]]
-    """The subscribed topics (for the reconnect log)."""
 
 
 class Connection:
@@ -422,6 +402,8 @@ class Connection:
             return
         if isinstance(exc, nats.errors.AuthorizationError) or "authoriz" in str(exc).lower():
             logger.error("NATS at %s refused the credentials", self.where)
+        elif "permissions violation" in str(exc).lower() and self._listeners is not None:
+            self._listeners.refused(str(exc))
         else:
             logger.debug("NATS error: %s", type(exc).__name__)
 

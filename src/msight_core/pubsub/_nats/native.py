@@ -160,6 +160,7 @@ class LoopClient:
             await run_here(internals.confirm(conn.client, remaining), remaining + 0.5, "flush")
         except MsightError as exc:
             raise BackpressureError(f"flush: {exc}") from None
+        self._parts.publisher.raise_error()  # a refusal comes before the PONG
 
     def ack(self, token: Any) -> None:
         self._parts.mode.ack(token)

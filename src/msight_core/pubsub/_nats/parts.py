@@ -18,8 +18,9 @@ from ...config import NatsConfig, OverflowPolicy
 from ...tracing import outgoing
 from .._core import Delivery
 from .commands import header_lines
-from .conn import Connection, Listeners, client_options
+from .conn import Connection, client_options
 from .frames import LargeFrames
+from .listeners import Listeners
 from .modes import CoreMode, JetStreamMode
 from .publisher import Publisher
 from .subscriber import Subscriber
@@ -87,6 +88,7 @@ def assemble(
         dropped=subscriber.route_done,
         closed=fail,
         topics=subscriber.topics,
+        refused=publisher.refused,
     )
     return Parts(conn, large, publisher, mode, subscriber, listeners)
 
@@ -110,6 +112,7 @@ def counters(parts: Parts) -> dict[str, Any]:
         "resent": pub.resent,
         "publish_retried": pub.retried,
         "publish_failed": pub.failed,
+        "refused": pub.refusals,
         "large_frames_sent": pub.frames,
         "large_frames_received": parts.large.fetched,
         "large_frames_lost": parts.large.lost,

@@ -312,7 +312,8 @@ class Subscriber:
         """Raise if ``error`` (nats-py's last) refuses a subscription just made."""
         if "permissions violation for subscription" not in error.lower():
             return
-        refused = [s for s in (name, CHUNK_PREFIX + name) if f'"{s}"' in error]
+        # nats-py lowercases the server's text.
+        refused = [s for s in (name, CHUNK_PREFIX + name) if f'"{s.lower()}"' in error.lower()]
         if not refused:
             return
         for sub in (self._subs.pop(name, None), self._side.pop(name, None)):
