@@ -128,3 +128,28 @@ def test_refusals_and_close_from_another_task(nats_server: Any, unique_topic: st
     run(scenario())
     with pytest.raises(TypeError):
         AsyncNATSPubSub(object())  # type: ignore[arg-type]
+
+
+def test_close_during_the_first_connect_leaves_no_client(
+    nats_server: Any, unique_topic: str
+) -> None:
+    """close() from another task while subscribe() is still connecting: the client
+    that connect makes is closed, not left running on the loop."""
+    env = nats_server.env()
+
+    async def scenario() -> None:
+        outer = set(asyncio.all_tasks())  # the test's own (run()'s timeout wrapper)
+        ps = AsyncNATSPubSub(get_nats_config(env=env))
+        subscribing = asyncio.ensure_future(ps.subscribe(unique_topic))
+        await asyncio.sleep(0)  # the connect has started
+        await ps.close()
+        with pytest.raises(ClosedError):
+            await asyncio.wait_for(subscribing, 10)
+        client = ps._client._parts.conn.client
+        assert client is None or client.is_closed
+        await asyncio.sleep(0.1)
+        ours = {asyncio.current_task(), *outer}
+        leftover = [t for t in asyncio.all_tasks() if t not in ours]
+        assert not leftover, leftover  # the writer's and nats-py's tasks are gone
+
+    run(scenario())

@@ -28,6 +28,7 @@ from ...errors import (
     AuthenticationError,
     BrokerError,
     BrokerUnavailableError,
+    ClosedError,
     MissingDependencyError,
     MsightError,
 )
@@ -299,6 +300,10 @@ class Connection:
                 if not isinstance(exc, MsightError) or isinstance(exc, AuthenticationError):
                     raise
                 raise type(exc)(f"{exc} (servers: {self.where})") from None
+            if self._closing:  # closed while connecting: what was made does not stay
+                with contextlib.suppress(Exception):
+                    await run_here(self.client.close(), self.config.connect_timeout, "close")
+                raise ClosedError("the NATS backend was closed while connecting")
         return True
 
     async def close_here(self, timeout: float) -> None:

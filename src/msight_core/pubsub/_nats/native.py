@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...config import NatsConfig
-from ...errors import BackpressureError, MsightError
+from ...errors import BackpressureError, ClosedError, MsightError
 from ...tracing import outgoing
 from .._core import Delivery
 from ..base import Capabilities
@@ -81,7 +81,12 @@ class LoopClient:
         """
         parts = self._parts
         if parts.conn.client is None:
-            await parts.conn.open_here(parts.listeners)
+            try:
+                await parts.conn.open_here(parts.listeners)
+            except ClosedError:  # close() came first: the writer's tasks go too
+                parts.publisher.begin_close()
+                parts.publisher.stop()
+                raise
 
     async def subscribe(self, name: str, pattern: bool = False) -> None:
         """Subscribe a checked name (or core-NATS pattern); returns once the server has it."""
@@ -176,6 +181,7 @@ class LoopClient:
         parts.subscriber.close()
         conn = parts.conn
         if conn.client is None:
+            conn.begin_close()  # a connect still in flight closes what it made
             return
         subscriber = parts.subscriber
         await parts.mode.astop(subscriber.drain if subscriber.topics() else None)
