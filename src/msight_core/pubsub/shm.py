@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ..config import ShmConfig, load_shm_config
 from ..errors import ClosedError, ConfigError, PayloadTooLargeError
 from ._core import Delivery, QueueBackend, State
+from ._queue import CLOSED
 from ._shm.inbox import Inbox, Puller, Reader
 from ._shm.publisher import Flusher, Loan, Publisher
 from ._shm.services import Runtime
@@ -184,6 +186,25 @@ class ShmPubSub(QueueBackend):
         for publisher in list(self._publishers.values()):
             publisher.flush()
 
+    def _listen(self) -> Iterator[bytes]:
+        # listen() without per-message calls: batches from the reader's queue,
+        # the state checked before each message (shm has nothing to acknowledge).
+        local = self._local
+        get_many = self._queue.get_many
+        while self._puller is None:
+            while local:
+                if self._state is not State.OPEN:
+                    return
+                self.delivered += 1
+                yield local.popleft().data
+            if self._puller is not None:
+                break
+            batch = get_many(None, 4096)
+            if batch is CLOSED or not batch:
+                return
+            local.extend(batch)
+        yield from super()._listen()  # views were asked for: copies through the puller
+
     def _next(self, timeout: float | None) -> Delivery | None:
         puller = self._puller
         if puller is None:
@@ -237,14 +258,13 @@ class ShmPubSub(QueueBackend):
             reader, self._reader = self._reader, None
             if reader is not None:
                 reader.stop()
-            leftovers = self._queue.get_many(0, 1 << 30)
+            # Everything the reader copied, in order (get_many hands out ~1 MB a call).
+            leftovers = list(self._local)
+            self._local.clear()
+            while isinstance(batch := self._queue.get_many(0, 1 << 30), list) and batch:
+                leftovers += batch
             assert self._inbox is not None  # subscribe() came first
-            self._puller = Puller(
-                self._inbox,
-                self._decoder,
-                self._ledger,
-                leftovers if isinstance(leftovers, list) else [],
-            )
+            self._puller = Puller(self._inbox, self._decoder, self._ledger, leftovers)
             return self._puller
 
     def loan(self, topic: Any, nbytes: int) -> Loan:

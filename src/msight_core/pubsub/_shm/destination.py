@@ -174,11 +174,14 @@ class Destination:
         return self.finish(sample, self.single_header(offset, length))
 
     def send_batch(self, messages: list[bytes]) -> int:
-        """Send small messages as one sample of records; subscribers reached."""
-        body = frames.batch_body(messages)
-        size = len(body)
+        """Send small messages as one sample (length table, then the messages)."""
+        table = frames.length_table(messages)
+        joined = b"".join(messages)
+        size = len(table) + len(joined)
         sample = self.take(frames.HEADER_SIZE + size)
-        _memmove(sample.payload_ptr + frames.HEADER_SIZE, body, size)
+        ptr = sample.payload_ptr + frames.HEADER_SIZE
+        _memmove(ptr, table, len(table))
+        _memmove(ptr + len(table), joined, len(joined))
         header = _pack(frames.BATCH, frames.HEADER_SIZE, self.source, self.index, len(messages))
         self.index += len(messages)
         return self.finish(sample, header)
