@@ -89,6 +89,8 @@ class ShmPubSub(QueueBackend):
         self._lock = threading.RLock()
         self._runtime: Runtime | None = None
         self._publishers: dict[str, Publisher] = {}
+        self._fast: dict[str, Publisher] = {}
+        self._max_frame = config.max_frame_bytes
         self._subscribers: list[Subscriber] = []
         self._inbox: Inbox | None = None
         self._reader: Reader | None = None
@@ -161,16 +163,21 @@ class ShmPubSub(QueueBackend):
             ClosedError: the backend was closed.
             PublishError: a batch sent in the background failed.
         """
-        name = self._name(topic)
+        # A str topic published before maps straight to its publisher: no name check.
+        publisher = self._fast.get(topic) if type(topic) is str else None
+        name = self._name(topic) if publisher is None else topic
         if type(serialized_data) is bytes:  # the common case, checked inline
             data, length = serialized_data, len(serialized_data)
         else:
             data, length = _payload(serialized_data)
         if self._state is not State.OPEN:
             raise ClosedError("ShmPubSub is closed")
-        if length > self.config.max_frame_bytes:
+        if length > self._max_frame:
             self._check_size(length)
-        publisher = self._publishers.get(name) or self._publisher(name)
+        if publisher is None:
+            publisher = self._publishers.get(name) or self._publisher(name)
+            if type(topic) is str and len(self._fast) < 10_000:
+                self._fast[topic] = publisher
         publisher.publish(data, length)
 
     def _publish(self, name: str, data: bytes) -> None:
@@ -346,6 +353,7 @@ class ShmPubSub(QueueBackend):
                 inbox.close()
             # Drop every reference to iceoryx2 objects: services and the node go with them.
             self._publishers = {}
+            self._fast = {}
             self._subscribers = []
             self._inbox = None
             runtime, self._runtime = self._runtime, None
