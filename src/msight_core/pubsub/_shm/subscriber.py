@@ -24,7 +24,7 @@ from typing import Any
 from ...config import ShmConfig
 from ...errors import BrokerUnavailableError
 from .._core import Delivery
-from . import frames, internals
+from . import frames, internals, memcopy
 from .services import Runtime, base_name, group_key, member_name, registry_name
 
 __all__ = ["Decoder", "Subscriber"]
@@ -202,7 +202,7 @@ class Decoder:
                 return []
             head, address, size = found
             if head.kind == frames.SINGLE:
-                return [Delivery(topic, _string_at(address + head.offset, head.value))]
+                return [Delivery(topic, memcopy.to_bytes(address + head.offset, head.value))]
             messages = self.batch(topic, head, address, size)
             # Delivery(topic, m) for each message, built in C loops: what the
             # NamedTuple's own __new__ does, without a Python call per message.
