@@ -17,6 +17,11 @@ plus two zero-copy paths for large frames::
     with ps.loan("camera1.frames", image.serialized_size()) as buf:
         image.serialize_into(buf)                           # an ImageData, built in place
 
+Processing and sink nodes (:mod:`msight_core.nodes`) on this backend use
+``receive_view()`` by themselves: ``process()`` gets arrays in shared memory,
+read-only, valid during the call; a message the node keeps is copied out when
+the call returns (see :mod:`msight_core.nodes` for the rule).
+
 Settings come from ``MSIGHT_SHM_*`` (:class:`~msight_core.config.ShmConfig`):
 memory in ``/dev/shm`` is bounded by the largest frame, the subscribers per
 topic and the depth of their buffers, checked before use. Only processes of the
