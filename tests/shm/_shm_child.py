@@ -10,6 +10,8 @@ Roles print ``ready`` once subscribed (or set up), then do their part:
 * ``pub COUNT SIZE``: publish COUNT messages of SIZE bytes (``b"<i>:"`` + zeros)
   every 5 ms, then close.
 * ``pubforever SIZE``: publish every 10 ms until killed.
+* ``images COUNT``: publish COUNT ``ImageData`` frames (480x640x3, every pixel
+  ``i % 256``, ``frame_id`` i) every 20 ms, then close.
 """
 
 from __future__ import annotations
@@ -62,6 +64,18 @@ def main() -> None:
                 head = b"%d:" % i
                 ps.publish(topic, head + bytes(max(size - len(head), 0)))
                 time.sleep(0.005)
+        elif role == "images":
+            import numpy as np
+
+            from msight_core.data import ImageData
+
+            shape = (480, 640, 3)
+            ps.reserve(topic, ImageData(np.zeros(shape, np.uint8)).serialized_size())
+            print("ready", flush=True)
+            for i in range(int(args[0])):
+                frame = ImageData(np.full(shape, i % 256, np.uint8), frame_id=i)
+                ps.publish(topic, frame.serialize())
+                time.sleep(0.02)
         elif role == "pubforever":
             size = int(args[0])
             ps.reserve(topic, size)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from msight_core.config import ShmConfig
-from msight_core.pubsub._shm import frames, internals
+from msight_core.pubsub._shm import frames, internals, memcopy
 from msight_core.pubsub._shm.services import Runtime, base_name
 from msight_core.pubsub.shm import ShmPubSub
 
@@ -107,3 +107,19 @@ def _public_round_trip(make: Callable[..., ShmPubSub]) -> None:
     assert [m.data[:5] for m in got if m] == [b"small", b"LLLLL", b"abc"]
     sub.close()
     pub.close()
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1000, memcopy.PARALLEL_BYTES - 1, memcopy.PARALLEL_BYTES + 4097]
+)
+def test_large_copies_on_two_cores_are_exact(size: int) -> None:
+    src = os.urandom(size)
+    assert (
+        memcopy.to_bytes(ctypes.cast(ctypes.c_char_p(src), ctypes.c_void_p).value or 0, size) == src
+    )
+    dst = ctypes.create_string_buffer(size + 8)
+    memcopy.copy_from_bytes(ctypes.addressof(dst) + 8, src, size)
+    assert dst.raw[8:] == src and dst.raw[:8] == bytes(8)  # nothing written outside
+    back = ctypes.create_string_buffer(size)
+    memcopy.copy(ctypes.addressof(back), ctypes.addressof(dst) + 8, size)
+    assert back.raw == src

@@ -198,3 +198,23 @@ def test_data_serializes_straight_into_a_loan(make: Callable[..., ShmPubSub]) ->
         image.serialize_into(buf)
     with pytest.raises(TypeError, match="writable"):
         image.serialize_into(bytes(image.serialized_size()))
+
+
+def test_switching_to_views_hands_out_everything_copied_before(
+    make: Callable[..., ShmPubSub],
+) -> None:
+    # Messages the reader thread copied before the first receive_view() come first,
+    # all of them: more than the ~1 MB the receive queue hands out per call.
+    sub, pub = make(), make()
+    sub.subscribe("cam.s")
+    for i in range(4):
+        pub.publish("cam.s", bytes([i]) * (700 * 1024))
+    deadline = time.monotonic() + 20
+    while sub.stats()["queued"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sub.stats()["queued"] == 4
+    for i in range(4):
+        view = sub.receive_view(5)
+        assert view is not None, f"message {i} lost in the switch"
+        with view:
+            assert view.data[0] == i and not view.zero_copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 import sys
@@ -429,3 +430,17 @@ def test_deeply_nested_metadata_is_refused() -> None:
     crafted = head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
     with pytest.raises(DeserializationError):
         Data.deserialize(crafted)
+
+
+def test_a_decoded_message_dropped_lets_go_of_its_buffer_without_a_gc_pass() -> None:
+    # Zero-copy buffers (shared memory) are given back when nothing points into
+    # them: decoding must not leave a reference cycle holding views of the buffer.
+    buf = bytearray(ImageData(np.ones((8, 8), np.uint8)).serialize())
+    gc.disable()
+    try:
+        data = Data.deserialize(memoryview(buf))
+        assert data.image.sum() == 64
+        del data
+        buf.extend(b"x")  # BufferError if any view of buf were still alive
+    finally:
+        gc.enable()

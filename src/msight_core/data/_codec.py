@@ -219,6 +219,10 @@ class Buffers(Sequence[memoryview]):
         return (self[i] for i in range(self._n))
 
 
+def _no_build(tag: str, fields: Any, depth: int) -> Any:
+    raise DeserializationError("decoder released")
+
+
 class Decoder:
     """Rebuilds values from metadata over the message's buffers (zero-copy arrays).
 
@@ -234,6 +238,11 @@ class Decoder:
         self._build = build
         self._count = len(views)
         self._used = bytearray(self._count)  # at most N/16 bytes: one flag per buffer
+
+    def release(self) -> None:
+        """Drop the buffer views and the build callback (decoding is over)."""
+        self.views = ()
+        self._build = _no_build
 
     def _view(self, index: Any) -> memoryview:
         if type(index) is not int or not 0 <= index < self._count:

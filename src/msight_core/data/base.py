@@ -264,6 +264,11 @@ class Data:
             raise DeserializationError(
                 f"invalid {tag[:80]!r} message: {type(exc).__name__}: {text}"
             ) from exc
+        finally:
+            # The decoder and its build callback refer to each other: without this the
+            # cycle would keep the buffer views (and a shared-memory sample) alive
+            # until the next garbage collection.
+            decoder.release()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):

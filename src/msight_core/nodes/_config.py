@@ -56,6 +56,9 @@ class NodeConfig:
         receive_timeout: seconds a loop waits for a message before checking the
             stop flag again.
         flush_timeout: seconds to wait for pending publishes at shutdown.
+        zero_copy: processing nodes on a backend with ``receive_view()`` (shm)
+            decode messages straight from shared memory (default ``True``; see
+            :mod:`msight_core.nodes` for how long the arrays stay valid).
         metrics_port: serve Prometheus ``/metrics`` on this port while spinning
             (extra ``metrics``; 0: any free port; default ``MSIGHT_METRICS_PORT``,
             unset: no endpoint). See :mod:`msight_core.metrics`.
@@ -81,6 +84,7 @@ class NodeConfig:
     receive_timeout: float | None = None
     flush_timeout: float | None = None
     metrics_port: int | None = None
+    zero_copy: bool | None = None
 
     def update(self, cfg: NodeConfig | None) -> None:
         """Copy every non-``None`` value of ``cfg`` into this config."""

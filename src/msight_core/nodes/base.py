@@ -32,11 +32,18 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from ..data import Data, SensorData, get_data_type
-from ..errors import BrokerError, ClosedError, ConfigError, DeserializationError
+from ..errors import (
+    BackpressureError,
+    BrokerError,
+    ClosedError,
+    ConfigError,
+    DeserializationError,
+)
 from ..pubsub import PubSubBackend, get_pubsub
 from ..topics import Topic, get_topic
 from ._config import ErrorPolicy, NodeConfig, NodeStatus
 from ._stats import NodeStats
+from ._views import copy_out, kept, weak
 
 __all__ = ["DataProcessingNode", "Node", "ProcessingNode", "SinkNode", "SourceNode"]
 
@@ -123,6 +130,7 @@ class Node:
         self._closed = False
         self._gap_count = 0
         self._last_traceback = 0.0
+        self._last_pinned = 0.0
         self._own_redis: Any = None
         self._redis_client = redis_client
         self._env = env
@@ -530,7 +538,12 @@ class DataProcessingNode(Node):
     def _start(self) -> None:
         self.pubsub.subscribe(self.subscribe_topic)
 
-    def _messages(self) -> Iterator[bytes | None]:
+    def _messages(self) -> Iterator[Any]:
+        """Payloads (``bytes``), views (from ``receive_view()``) or ``None`` (a timeout)."""
+        receive_view = getattr(self.pubsub, "receive_view", None)
+        if receive_view is not None and self.configs.get("zero_copy", True):
+            yield from self._views(receive_view)
+            return
         receive = getattr(self.pubsub, "receive", None)
         if receive is None:
             yield from self.pubsub.listen()
@@ -546,6 +559,39 @@ class DataProcessingNode(Node):
                 continue
             yield None if message is None else message.data
 
+    def _views(self, receive_view: Any) -> Iterator[Any]:
+        """Views of shared memory; copies while earlier messages' arrays pin every view."""
+        while True:
+            try:
+                yield receive_view(self.receive_timeout)
+                continue
+            except ClosedError:
+                return
+            except BackpressureError as exc:
+                self._pinned(exc)
+            except BrokerError as exc:
+                self._failed(exc, "receiving")
+                self._stop_event.wait(min(1.0, self.receive_timeout * 5))
+                continue
+            try:
+                message = self.pubsub.receive(self.receive_timeout)  # type: ignore[attr-defined]
+            except ClosedError:
+                return
+            except BrokerError as exc:
+                self._failed(exc, "receiving")
+                continue
+            yield None if message is None else message.data
+
+    def _pinned(self, exc: BackpressureError) -> None:
+        now = time.monotonic()
+        if now - self._last_pinned >= _TRACEBACK_INTERVAL:
+            self._last_pinned = now
+            self.logger.warning(
+                "receiving copies: arrays kept from earlier messages pin every shared-memory "
+                "view (%s); keep arr.copy() instead of the arrays themselves",
+                exc,
+            )
+
     def _loop(self, life_span: int) -> None:
         next_summary = self._next_summary()
         remaining = life_span
@@ -559,26 +605,38 @@ class DataProcessingNode(Node):
                 except ClosedError:
                     return
                 if payload is not None:
-                    self._handle(payload)
+                    if isinstance(payload, (bytes, bytearray)):
+                        self._handle(payload)
+                    else:
+                        self._handle_view(payload)
                     if remaining > 0:
                         remaining -= 1
                 next_summary = self._tick_stats(next_summary)
         finally:
             messages.close()
 
-    def _handle(self, payload: bytes) -> None:
+    def _handle_view(self, view: Any) -> None:
+        """Handle a message from a view of shared memory, then give the memory back."""
+        try:
+            self._handle(view.data, view.zero_copy)
+        finally:
+            view.release()
+
+    def _handle(self, payload: Any, shared: bool = False) -> None:
         if self._tracer is None:
-            self._handle_payload(payload)
+            self._handle_payload(payload, shared)
             return
         with self._tracer.processing():  # continues the sender's trace
-            self._handle_payload(payload)
+            self._handle_payload(payload, shared)
 
-    def _handle_payload(self, payload: bytes) -> None:
+    def _handle_payload(self, payload: Any, shared: bool = False) -> None:
         started = time.perf_counter()
         self.stats.received(len(payload))
         if not self._take_frame():
             self.stats.skipped()
             return
+        data: Any = None
+        result: Any = None
         # Everything done with the message, down to its statistics, is under the
         # error policy: the message comes from a peer and may be anything.
         try:
@@ -596,6 +654,17 @@ class DataProcessingNode(Node):
             self.stats.processed(time.perf_counter() - started, latency)
         except Exception as exc:  # noqa: BLE001 - handed to the error policy
             self._failed(exc, "processing a message")
+        finally:
+            if shared and data is not None:
+                # Decoded from shared memory: if the application kept the message,
+                # its arrays are copied out so the sample can go back (_views.py).
+                ref = weak(data)
+                data = result = None
+                obj = kept(ref)
+                if obj is not None:
+                    copied = copy_out(obj, payload)
+                    if copied:
+                        self.logger.debug("message kept: %d array(s) copied out", copied)
 
 
 ProcessingNode = DataProcessingNode

@@ -17,6 +17,11 @@ plus two zero-copy paths for large frames::
     with ps.loan("camera1.frames", image.serialized_size()) as buf:
         image.serialize_into(buf)                           # an ImageData, built in place
 
+Processing and sink nodes (:mod:`msight_core.nodes`) on this backend use
+``receive_view()`` by themselves: ``process()`` gets arrays in shared memory,
+read-only, valid during the call; a message the node keeps is copied out when
+the call returns (see :mod:`msight_core.nodes` for the rule).
+
 Settings come from ``MSIGHT_SHM_*`` (:class:`~msight_core.config.ShmConfig`):
 memory in ``/dev/shm`` is bounded by the largest frame, the subscribers per
 topic and the depth of their buffers, checked before use. Only processes of the
@@ -29,11 +34,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ..config import ShmConfig, load_shm_config
 from ..errors import ClosedError, ConfigError, PayloadTooLargeError
 from ._core import Delivery, QueueBackend, State
+from ._queue import CLOSED
 from ._shm.inbox import Inbox, Puller, Reader
 from ._shm.publisher import Flusher, Loan, Publisher
 from ._shm.services import Runtime
@@ -87,6 +94,8 @@ class ShmPubSub(QueueBackend):
         self._lock = threading.RLock()
         self._runtime: Runtime | None = None
         self._publishers: dict[str, Publisher] = {}
+        self._fast: dict[str, Publisher] = {}
+        self._max_frame = config.max_frame_bytes
         self._subscribers: list[Subscriber] = []
         self._inbox: Inbox | None = None
         self._reader: Reader | None = None
@@ -159,16 +168,21 @@ class ShmPubSub(QueueBackend):
             ClosedError: the backend was closed.
             PublishError: a batch sent in the background failed.
         """
-        name = self._name(topic)
+        # A str topic published before maps straight to its publisher: no name check.
+        publisher = self._fast.get(topic) if type(topic) is str else None
+        name = self._name(topic) if publisher is None else topic
         if type(serialized_data) is bytes:  # the common case, checked inline
             data, length = serialized_data, len(serialized_data)
         else:
             data, length = _payload(serialized_data)
         if self._state is not State.OPEN:
             raise ClosedError("ShmPubSub is closed")
-        if length > self.config.max_frame_bytes:
+        if length > self._max_frame:
             self._check_size(length)
-        publisher = self._publishers.get(name) or self._publisher(name)
+        if publisher is None:
+            publisher = self._publishers.get(name) or self._publisher(name)
+            if type(topic) is str and len(self._fast) < 10_000:
+                self._fast[topic] = publisher
         publisher.publish(data, length)
 
     def _publish(self, name: str, data: bytes) -> None:
@@ -183,6 +197,25 @@ class ShmPubSub(QueueBackend):
     def _flush(self, timeout: float | None) -> None:
         for publisher in list(self._publishers.values()):
             publisher.flush()
+
+    def _listen(self) -> Iterator[bytes]:
+        # listen() without per-message calls: batches from the reader's queue,
+        # the state checked before each message (shm has nothing to acknowledge).
+        local = self._local
+        get_many = self._queue.get_many
+        while self._puller is None:
+            while local:
+                if self._state is not State.OPEN:
+                    return
+                self.delivered += 1
+                yield local.popleft().data
+            if self._puller is not None:
+                break
+            batch = get_many(None, 4096)
+            if batch is CLOSED or not batch:
+                return
+            local.extend(batch)
+        yield from super()._listen()  # views were asked for: copies through the puller
 
     def _next(self, timeout: float | None) -> Delivery | None:
         puller = self._puller
@@ -237,14 +270,13 @@ class ShmPubSub(QueueBackend):
             reader, self._reader = self._reader, None
             if reader is not None:
                 reader.stop()
-            leftovers = self._queue.get_many(0, 1 << 30)
+            # Everything the reader copied, in order (get_many hands out ~1 MB a call).
+            leftovers = list(self._local)
+            self._local.clear()
+            while isinstance(batch := self._queue.get_many(0, 1 << 30), list) and batch:
+                leftovers += batch
             assert self._inbox is not None  # subscribe() came first
-            self._puller = Puller(
-                self._inbox,
-                self._decoder,
-                self._ledger,
-                leftovers if isinstance(leftovers, list) else [],
-            )
+            self._puller = Puller(self._inbox, self._decoder, self._ledger, leftovers)
             return self._puller
 
     def loan(self, topic: Any, nbytes: int) -> Loan:
@@ -326,6 +358,7 @@ class ShmPubSub(QueueBackend):
                 inbox.close()
             # Drop every reference to iceoryx2 objects: services and the node go with them.
             self._publishers = {}
+            self._fast = {}
             self._subscribers = []
             self._inbox = None
             runtime, self._runtime = self._runtime, None

@@ -15,6 +15,7 @@ Built on iceoryx2 (the ``shm`` extra). Importing this package without it raises
 * ``inbox``: waiting on all subscriptions; the ``Reader`` thread (bytes for
   ``listen()``) and the ``Puller`` (views).
 * ``views``: ``ShmView`` and the bookkeeping that keeps held memory intact.
+* ``memcopy``: copies of large frames (into a sample, out to ``bytes``) on two cores.
 * ``internals``: every iceoryx2 detail beyond its examples, with fallbacks.
 
 Design
@@ -39,8 +40,11 @@ out as it arrives, so only views depend on ``buffer_depth``.
 
 **Small messages** (up to 64 KiB) are packed into one sample per batch: a
 batch is sent by ``publish()`` when it holds 1 MiB, or by the flusher thread
-as soon as it runs. Large messages are copied into a sample in the caller's
-thread after the pending batch, so one publisher's order holds.
+as soon as it runs. A batch starts with a table of the message lengths, so a
+reader cuts it into ``bytes`` with C loops. Large messages are copied into a
+sample in the caller's thread after the pending batch, so one publisher's
+order holds; from 4 MiB on, the copy (and a reader's copy out to ``bytes``) is
+split over two cores.
 
 **Groups.** A group member owns a service (one subscriber port) named after the
 topic, a hash of the group and a random id, and holds a listener on the

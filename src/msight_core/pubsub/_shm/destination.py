@@ -21,7 +21,7 @@ import numpy as np
 
 from ...config import ShmConfig
 from ...errors import BackpressureError, BrokerUnavailableError, PayloadTooLargeError
-from . import frames, internals
+from . import frames, internals, memcopy
 from .services import Runtime
 
 __all__ = ["INITIAL_BYTES", "SLACK", "Destination"]
@@ -157,7 +157,7 @@ class Destination:
         offset = frames.single_offset(ptr)
         try:
             if type(data) is bytes:
-                _memmove(ptr + offset, data, length)
+                memcopy.copy_from_bytes(ptr + offset, data, length)
             else:
                 copy_buffer(ptr + offset, data, length)
         except BaseException:
@@ -170,15 +170,18 @@ class Destination:
         sample = self.take(length + SLACK)
         ptr = sample.payload_ptr
         offset = frames.single_offset(ptr)
-        _memmove(ptr + offset, address, length)
+        memcopy.copy(ptr + offset, address, length)
         return self.finish(sample, self.single_header(offset, length))
 
     def send_batch(self, messages: list[bytes]) -> int:
-        """Send small messages as one sample of records; subscribers reached."""
-        body = frames.batch_body(messages)
-        size = len(body)
+        """Send small messages as one sample (length table, then the messages)."""
+        table = frames.length_table(messages)
+        joined = b"".join(messages)
+        size = len(table) + len(joined)
         sample = self.take(frames.HEADER_SIZE + size)
-        _memmove(sample.payload_ptr + frames.HEADER_SIZE, body, size)
+        ptr = sample.payload_ptr + frames.HEADER_SIZE
+        _memmove(ptr, table, len(table))
+        _memmove(ptr + len(table), joined, len(joined))
         header = _pack(frames.BATCH, frames.HEADER_SIZE, self.source, self.index, len(messages))
         self.index += len(messages)
         return self.finish(sample, header)
@@ -203,4 +206,4 @@ def copy_buffer(address: int, data: Any, length: int) -> None:
         view = memoryview(view.tobytes())
     # numpy gives the address of any contiguous buffer, read-only ones included.
     source = np.frombuffer(view.cast("B") if view.format != "B" else view, np.uint8)
-    _memmove(address, source.ctypes.data, length)
+    memcopy.copy(address, source.ctypes.data, length)

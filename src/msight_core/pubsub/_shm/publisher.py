@@ -49,6 +49,7 @@ _IDLE = 0.001
 #: subscriber can still map them and take it.
 CLOSE_LINGER = 0.25
 _monotonic = time.monotonic
+_RECORD = frames.RECORD.size  # bytes of a message's entry in a batch's length table
 _warned_loan_refs = False
 
 
@@ -105,35 +106,39 @@ class Publisher:
             PayloadTooLargeError, BackpressureError, BrokerUnavailableError: from
                 the shared-memory layer.
         """
-        wake = False
+        if length > self._small:
+            with self._lock:
+                if self.closed or self._error is not None:
+                    self._check()
+                self.published += 1
+                self._flush_locked()
+                self._send_frame(lambda dest: dest.send_single(data, length))
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # the caller may reuse a mutable buffer
         with self._lock:
             if self.closed or self._error is not None:
                 self._check()
             self.published += 1
-            if length <= self._small:
-                if type(data) is not bytes:
-                    data = bytes(data)  # the caller may reuse a mutable buffer
-                size = length + frames.RECORD.size
-                if self._pending_bytes + size > self._batch:
-                    self._flush_locked()
-                pending = self._pending
-                wake = not pending
-                pending.append(data)
-                self._pending_bytes += size
-                now = _monotonic()
-                if (
-                    self._pending_bytes >= self._batch
-                    or len(pending) >= _BATCH_COUNT
-                    # Nothing sent for a while: no batch to wait for, send it now
-                    # (the flusher thread may not get the GIL for milliseconds).
-                    or (wake and now - self._last_small > _IDLE)
-                ):
-                    self._flush_locked()
-                    wake = False
-                self._last_small = now
-            else:
+            size = self._pending_bytes + length + _RECORD
+            if size > self._batch:
                 self._flush_locked()
-                self._send_frame(lambda dest: dest.send_single(data, length))
+                size = length + _RECORD
+            pending = self._pending
+            wake = not pending
+            pending.append(data)
+            self._pending_bytes = size
+            now = _monotonic()
+            if (
+                size >= self._batch
+                or len(pending) >= _BATCH_COUNT
+                # Nothing sent for a while: no batch to wait for, send it now
+                # (the flusher thread may not get the GIL for milliseconds).
+                or (wake and now - self._last_small > _IDLE)
+            ):
+                self._flush_locked()
+                wake = False
+            self._last_small = now
         if wake:
             self._on_pending(self)
 
