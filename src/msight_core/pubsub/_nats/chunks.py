@@ -177,6 +177,9 @@ class _Building:
 
     def __init__(self, seq: int, count: int, size: int) -> None:
         self.seq, self.count, self.size = seq, count, size
+        # Each chunk copied once out of the parser's buffer, then joined: what is
+        # held grows with what arrived, never allocated ahead for a size a peer
+        # named (a growing bytearray would copy on its reallocations).
         self.parts: list[bytes] = []
         self.received = 0
         self.at = time.monotonic()
@@ -185,8 +188,9 @@ class _Building:
 class Assembler:
     """A subscriber's frames arriving as chunks, until their notices claim them.
 
-    :meth:`on_chunk` is a direct route of the parser (or called from a
-    subscription callback); :meth:`claim` is called when a notice arrives.
+    :meth:`on_chunk` is a direct route of the parser, taking views of its
+    buffer (or called from a subscription callback, with ``bytes``); :meth:`claim`
+    is called when a notice arrives.
     Both run on the event loop. ``lost`` counts dropped chunks and frames.
 
     Args:
@@ -210,7 +214,11 @@ class Assembler:
             )
 
     def on_chunk(
-        self, subject: str, data: bytes, reply: bytes = b"", headers: bytes | None = None
+        self,
+        subject: str,
+        data: bytes | memoryview,
+        reply: bytes = b"",
+        headers: bytes | None = None,
     ) -> None:
         topic = subject.removeprefix(CHUNK_PREFIX)
         if len(data) <= HEAD.size:
@@ -255,7 +263,8 @@ class Assembler:
         if not self._room(part, key):
             self._forget(key, building)
             return self._drop("frames held exceed the bound", topic)
-        building.parts.append(data[HEAD.size :])
+        with memoryview(data) as view:
+            building.parts.append(view[HEAD.size :].tobytes())
         building.received += part
         self.held += part
         if index + 1 == count:
