@@ -41,12 +41,14 @@ from collections import OrderedDict
 from typing import Any
 
 __all__ = [
+    "BROADCAST_MARK",
     "CHUNK_PREFIX",
     "CORE_STREAM",
     "FETCH_PREFIX",
     "HEAD",
     "SOURCE_HEADER",
     "Assembler",
+    "Quiet",
     "Retained",
     "chunk_size",
     "fetch",
@@ -71,7 +73,11 @@ MAX_SERVES = 16  # answers per kept frame (one per queue group reading the topic
 RETAIN_SECONDS = 5.0  # a publisher keeps a frame this long at most ...
 RETAIN_BYTES = 64 * 1024 * 1024  # ... and its frames up to this, or while asked for:
 ASKED_SECONDS = 10.0  # up to Retained.max_bytes until this long after the last request
+QUIET_SECONDS = 1.0  # a topic whose chunks nobody subscribes gets notices only, this long
+MAX_PROBED = 1024  # topics a publisher keeps a probe subject for
+BROADCAST_MARK = ".b"  # ends the reply subject of a broadcast subscriber's frame request
 _CRLF = b"\r\n"
+_PROBE_ID = re.compile(r"[0-9]{1,9}")
 _FRAME_ID = re.compile(r"([0-9a-f]{16})([0-9]{1,19})")
 _REPLY = re.compile(rb"[A-Za-z0-9_.-]{1,256}")  # a literal subject: no wildcard, no space
 
@@ -89,8 +95,11 @@ def parse_frame_id(frame_id: str) -> tuple[bytes, int] | None:
     return bytes.fromhex(match.group(1)), int(match.group(2))
 
 
-def _chunks(subject: bytes, token: bytes, seq: int, data: bytes, chunk: int) -> list[Any]:
-    """The ``PUB`` commands of ``data``'s chunks, in pieces (the bytes not copied)."""
+def _chunks(
+    subject: bytes, token: bytes, seq: int, data: bytes, chunk: int, probe: bytes = b""
+) -> list[Any]:
+    """The ``PUB`` commands of ``data``'s chunks, in pieces (the bytes not copied);
+    the first with the reply subject ``probe``, if given."""
     view = memoryview(data)
     size = len(data)
     count = -(-size // chunk)
@@ -98,17 +107,20 @@ def _chunks(subject: bytes, token: bytes, seq: int, data: bytes, chunk: int) -> 
     for index in range(count):
         part = view[index * chunk : (index + 1) * chunk]
         head = HEAD.pack(MAGIC, VERSION, token, seq, index, count, size)
-        pieces += (b"PUB %s %d\r\n%s" % (subject, HEAD.size + len(part), head), part, _CRLF)
+        target = subject + b" " + probe if probe and not index else subject
+        pieces += (b"PUB %s %d\r\n%s" % (target, HEAD.size + len(part), head), part, _CRLF)
     return pieces
 
 
 def frame_pieces(
-    topic: str, token: bytes, seq: int, data: bytes, chunk: int, notice: bytes
+    topic: str, token: bytes, seq: int, data: bytes, chunk: int, notice: bytes, probe: bytes
 ) -> tuple[Any, ...]:
     """A frame as one message for the writer: its chunks on the side subject,
-    then ``notice`` (a whole ``HPUB`` command) on the topic."""
+    then ``notice`` (a whole ``HPUB`` command) on the topic. The first chunk
+    carries the reply subject ``probe``: if nobody subscribes the side subject,
+    the server answers there with a no-responders status (see :class:`Quiet`)."""
     subject = (CHUNK_PREFIX + topic).encode()
-    return (*_chunks(subject, token, seq, data, chunk), notice)
+    return (*_chunks(subject, token, seq, data, chunk, probe), notice)
 
 
 def reply_pieces(reply: bytes, token: bytes, seq: int, data: bytes | None, chunk: int) -> Any:
@@ -121,6 +133,60 @@ def reply_pieces(reply: bytes, token: bytes, seq: int, data: bytes | None, chunk
 def valid_reply(reply: bytes) -> bool:
     """A reply subject a publisher may answer: literal, bounded, no spaces."""
     return _REPLY.fullmatch(reply) is not None and b".." not in reply
+
+
+class Quiet:
+    """A publisher's topics whose chunks nobody subscribes, found by probing.
+
+    The first chunk of a frame carries a reply subject of the publisher,
+    ``<base>.<n>`` (:meth:`probe`; ``n`` stands for the topic). When no
+    subscription matches the side subject (only queue-group members read the
+    topic, or nobody does), nats-server answers there with a 503 no-responders
+    status (:meth:`no_responders`), and the topic's frames go as notices only
+    for :data:`QUIET_SECONDS`; the frame after that probes again. Queue-group
+    members ask for every frame anyway; a broadcast subscriber that subscribed
+    meanwhile finds no chunks and asks too, with :data:`BROADCAST_MARK` at the
+    end of its reply subject, which ends the quiet at once (:meth:`wanted`).
+    Anyone can publish a 503 to ``<base>.<n>``: a forged one costs frame
+    requests, not frames. Used on the event loop only.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self._ids: dict[str, int] = {}
+        self._topics: dict[int, str] = {}
+        self._until: dict[str, float] = {}
+        self.skipped = 0  # frames sent without chunks
+
+    def probe(self, topic: str) -> bytes | None:
+        """The reply subject for the first chunk of ``topic``'s next frame;
+        ``None``: send that frame without chunks."""
+        until = self._until.get(topic)
+        if until is not None:
+            if time.monotonic() < until:
+                self.skipped += 1
+                return None
+            del self._until[topic]
+        number = self._ids.get(topic)
+        if number is None:
+            if len(self._ids) >= MAX_PROBED:
+                self._ids.clear()
+                self._topics.clear()
+                self._until.clear()
+            number = self._ids[topic] = len(self._ids)
+            self._topics[number] = topic
+        return f"{self.base}.{number}".encode()
+
+    def no_responders(self, subject: str) -> None:
+        """The server found no subscriber for the chunks probed with ``subject``."""
+        number = subject.rpartition(".")[2]
+        topic = self._topics.get(int(number)) if _PROBE_ID.fullmatch(number) else None
+        if topic is not None:
+            self._until[topic] = time.monotonic() + QUIET_SECONDS
+
+    def wanted(self, topic: str) -> None:
+        """A broadcast subscriber asked for a frame of ``topic``: chunks again."""
+        self._until.pop(topic, None)
 
 
 class Retained:
@@ -136,14 +202,15 @@ class Retained:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(max_bytes, RETAIN_BYTES)
-        self._frames: OrderedDict[int, list[Any]] = OrderedDict()  # seq -> [data, at, serves]
+        # seq -> [data, at, serves, topic]
+        self._frames: OrderedDict[int, list[Any]] = OrderedDict()
         self._bytes = 0
         self._asked_until = 0.0
         self.served = 0
         self.refused = 0
 
-    def add(self, seq: int, data: bytes) -> None:
-        self._frames[seq] = [data, time.monotonic(), 0]
+    def add(self, seq: int, data: bytes, topic: str = "") -> None:
+        self._frames[seq] = [data, time.monotonic(), 0, topic]
         self._bytes += len(data)
         self._trim()
 
@@ -153,11 +220,16 @@ class Retained:
         bound = self.max_bytes if now < self._asked_until else RETAIN_BYTES
         frames = self._frames
         while len(frames) > 1:
-            data, at, _ = next(iter(frames.values()))
+            data, at, _, _ = next(iter(frames.values()))
             if self._bytes <= bound and at >= cutoff:
                 break
             frames.popitem(last=False)
             self._bytes -= len(data)
+
+    def topic(self, seq: int) -> str | None:
+        """The topic frame ``seq`` went on, if it is kept."""
+        entry = self._frames.get(seq)
+        return entry[3] if entry is not None else None  # type: ignore[no-any-return]
 
     def take(self, seq: int) -> bytes | None:
         """The frame ``seq`` for one more requester, or ``None`` (gone, or served enough)."""
@@ -321,9 +393,17 @@ class Assembler:
 
 
 async def fetch(
-    nc: Any, source: str, token: bytes, seq: int, size: int, count: int, timeout: float
+    nc: Any,
+    source: str,
+    token: bytes,
+    seq: int,
+    size: int,
+    count: int,
+    timeout: float,
+    broadcast: bool = False,
 ) -> bytes:
-    """Ask the publisher (``source``) for frame ``seq``; its bytes.
+    """Ask the publisher (``source``) for frame ``seq``; its bytes. A
+    ``broadcast`` subscriber says so (:data:`BROADCAST_MARK`, see :class:`Quiet`).
 
     Waits :data:`FETCH_WAIT` (or ``timeout``, if shorter) at most; allocates no
     more than what arrives, never more than ``size``.
@@ -333,7 +413,7 @@ async def fetch(
         ValueError: what came back is not the frame announced.
         asyncio.TimeoutError: not all of it came in time.
     """
-    inbox = nc.new_inbox()
+    inbox = nc.new_inbox() + (BROADCAST_MARK if broadcast else "")
     sub = await nc.subscribe(
         inbox, pending_msgs_limit=count + 2, pending_bytes_limit=size + 64 * (count + 2)
     )

@@ -48,10 +48,12 @@ from nats.js import api
 
 from ...errors import PayloadTooLargeError
 from .chunks import (
+    BROADCAST_MARK,
     CORE_STREAM,
     FETCH_PREFIX,
     SOURCE_HEADER,
     Assembler,
+    Quiet,
     Retained,
     chunk_size,
     fetch,
@@ -104,11 +106,19 @@ class LargeFrames:
     the stream of frame chunks shared by every msight publisher on a server,
     and read back from either."""
 
-    def __init__(self, ttl: float, max_bytes: int, timeout: float, core: bool = False) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_bytes: int,
+        timeout: float,
+        core: bool = False,
+        broadcast: bool = False,
+    ) -> None:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.core = core
+        self.broadcast = broadcast  # a subscriber outside any queue group
         self._ready = False
         self._lock: asyncio.Lock | None = None
         self.fetched = 0
@@ -118,6 +128,7 @@ class LargeFrames:
         self._seqs = itertools.count(1)
         self._retained = Retained(max_bytes // 4)
         self._serving: Any = None
+        self.quiet = Quiet(FETCH_PREFIX + self._token.hex())
         self._send: Callable[[Any], Awaitable[None]] | None = None
         self._chunk = chunk_size(1024 * 1024)
 
@@ -183,6 +194,7 @@ class LargeFrames:
         if self._serving is None:
             self._send = send
             self._serving = await nc.subscribe(FETCH_PREFIX + self._token.hex(), cb=self._serve)
+            await nc.subscribe(self.quiet.base + ".*", cb=self._no_responders)
         seq = next(self._seqs)
         chunk = self._chunk = chunk_size(nc.max_payload)
         token = self._token.hex()
@@ -190,8 +202,16 @@ class LargeFrames:
         notice += f"{SOURCE_HEADER}: {FETCH_PREFIX}{token}\r\n\r\n".encode()
         name = topic.encode()
         command = b"HPUB %s %d %d\r\n%s\r\n" % (name, len(notice), len(notice), notice)
-        self._retained.add(seq, data)
-        return frame_pieces(topic, self._token, seq, data, chunk, command)
+        self._retained.add(seq, data, topic)
+        probe = self.quiet.probe(topic)
+        if probe is None:  # nobody subscribes the chunks: the notice only
+            return (command,)
+        return frame_pieces(topic, self._token, seq, data, chunk, command, probe)
+
+    async def _no_responders(self, msg: Any) -> None:
+        """The server's answer to a probe (:class:`.chunks.Quiet`)."""
+        if msg.headers and msg.headers.get("Status") == "503":
+            self.quiet.no_responders(msg.subject)
 
     async def _serve(self, msg: Any) -> None:
         """A request for a kept frame (from a queue-group member): the chunks go
@@ -203,6 +223,9 @@ class LargeFrames:
         data = None
         if parsed is not None and parsed[0] == self._token:
             data = self._retained.take(parsed[1])
+            topic = self._retained.topic(parsed[1])
+            if topic is not None and reply.endswith(BROADCAST_MARK.encode()):
+                self.quiet.wanted(topic)
         seq = parsed[1] if parsed is not None else 0
         try:
             await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
@@ -378,7 +401,7 @@ class LargeFrames:
         try:
             if source != FETCH_PREFIX + token.hex():
                 raise LookupError("the notice names no source of ours")
-            data = await fetch(nc, source, token, seq, size, chunks, self.timeout)
+            data = await fetch(nc, source, token, seq, size, chunks, self.timeout, self.broadcast)
         except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
             self._lost += 1
             logger.warning(

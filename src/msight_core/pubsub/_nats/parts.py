@@ -64,6 +64,7 @@ def assemble(
         config.large_frame_store_bytes,
         config.publish.timeout,
         core=not config.jetstream,
+        broadcast=not config.group_id,
     )
     publisher = Publisher(config.jetstream, config.publish, large, conn.where, conn.describe)
     mode: CoreMode | JetStreamMode
@@ -111,6 +112,7 @@ def counters(parts: Parts) -> dict[str, Any]:
         "publish_retried": pub.retried,
         "publish_failed": pub.failed,
         "large_frames_sent": pub.frames,
+        "large_frames_unchunked": parts.large.quiet.skipped,
         "large_frames_received": parts.large.fetched,
         "large_frames_lost": parts.large.lost,
         "malformed_dropped": parts.subscriber.dropped,
