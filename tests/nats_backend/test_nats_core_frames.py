@@ -161,32 +161,34 @@ def _send_paced(pub: Any, topic: str, frames: list[bytes]) -> None:
         time.sleep(0.02)
 
 
-def test_chunks_nobody_subscribes_are_not_sent_and_resume_for_a_new_subscriber(
+def test_frames_nobody_reads_go_without_chunks_until_someone_subscribes(
     make: Any, unique_topic: str
 ) -> None:
-    """Only a queue group reads the topic: the server answers the first chunk's
-    probe with "no responders" and the publisher sends notices only; the group
-    still gets every frame whole and in order. A broadcast subscriber that joins
-    gets every later frame (asking the publisher for those without chunks), and
-    the chunks resume."""
+    """Nobody reads the topic: the server answers the first chunk's probe with
+    "no responders" and the publisher sends notices only. A queue-group member
+    that joins gets every later frame (asking for it) and the chunks resume and
+    stay while it reads (they hold a flat-out publisher to what the server
+    moves); a broadcast subscriber that joins gets every later frame too."""
+    pub = make()
+    _send_paced(pub, unique_topic, [frame(2 * MiB + i, i) for i in range(10)])
+    assert pub.stats()["large_frames_unchunked"] > 0
     member = make("workers")
     member.subscribe(unique_topic)
-    pub = make()
-    frames = [frame(2 * MiB + i, i) for i in range(12)]
+    frames = [frame(2 * MiB + 3 * i, 20 + i) for i in range(8)]
     _send_paced(pub, unique_topic, frames)
     assert [m.data for m in collect(member, len(frames), 60)] == frames
-    assert pub.stats()["large_frames_unchunked"] > 0
+    unchunked = pub.stats()["large_frames_unchunked"]
+    more = [frame(MiB + 5 * i, 40 + i) for i in range(4)]
+    _send_paced(pub, unique_topic, more)
+    assert [m.data for m in collect(member, len(more), 60)] == more
+    assert pub.stats()["large_frames_unchunked"] == unchunked  # a member reads: chunks
     watcher = make()
     watcher.subscribe(unique_topic)
-    later = [frame(2 * MiB + 7 * i, 50 + i) for i in range(8)]
+    later = [frame(2 * MiB + 7 * i, 50 + i) for i in range(6)]
     _send_paced(pub, unique_topic, later)
     assert [m.data for m in collect(watcher, len(later), 60)] == later
     assert [m.data for m in collect(member, len(later), 60)] == later
-    unchunked = pub.stats()["large_frames_unchunked"]
-    last = [frame(MiB + 5 * i, 90 + i) for i in range(3)]
-    _send_paced(pub, unique_topic, last)
-    assert [m.data for m in collect(watcher, len(last), 60)] == last
-    assert pub.stats()["large_frames_unchunked"] == unchunked  # chunks again
+    assert pub.stats()["large_frames_unchunked"] == unchunked
     assert watcher.stats()["large_frames_lost"] == 0
     assert member.stats()["large_frames_lost"] == 0
 

@@ -48,7 +48,6 @@ from nats.js import api
 
 from ...errors import PayloadTooLargeError
 from .chunks import (
-    BROADCAST_MARK,
     CORE_STREAM,
     FETCH_PREFIX,
     SOURCE_HEADER,
@@ -112,13 +111,11 @@ class LargeFrames:
         max_bytes: int,
         timeout: float,
         core: bool = False,
-        broadcast: bool = False,
     ) -> None:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.core = core
-        self.broadcast = broadcast  # a subscriber outside any queue group
         self._ready = False
         self._lock: asyncio.Lock | None = None
         self.fetched = 0
@@ -224,8 +221,8 @@ class LargeFrames:
         if parsed is not None and parsed[0] == self._token:
             data = self._retained.take(parsed[1])
             topic = self._retained.topic(parsed[1])
-            if topic is not None and reply.endswith(BROADCAST_MARK.encode()):
-                self.quiet.wanted(topic)
+            if topic is not None:
+                self.quiet.asked(topic)
         seq = parsed[1] if parsed is not None else 0
         try:
             await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
@@ -401,7 +398,7 @@ class LargeFrames:
         try:
             if source != FETCH_PREFIX + token.hex():
                 raise LookupError("the notice names no source of ours")
-            data = await fetch(nc, source, token, seq, size, chunks, self.timeout, self.broadcast)
+            data = await fetch(nc, source, token, seq, size, chunks, self.timeout)
         except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
             self._lost += 1
             logger.warning(

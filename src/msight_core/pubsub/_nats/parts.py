@@ -64,7 +64,6 @@ def assemble(
         config.large_frame_store_bytes,
         config.publish.timeout,
         core=not config.jetstream,
-        broadcast=not config.group_id,
     )
     publisher = Publisher(config.jetstream, config.publish, large, conn.where, conn.describe)
     mode: CoreMode | JetStreamMode
