@@ -16,6 +16,13 @@ it keeps for a short while (:class:`Retained`) with the chunks, addressed to
 the requester only. A broadcast subscriber whose chunks went missing (a slow
 consumer drop, say) asks the same way.
 
+The first chunk of a frame carries a reply subject of the publisher: nats-server
+answers it with a "no responders" status when nobody subscribes the side
+subject, and a topic nobody reads at all then gets its frames as notices only
+for a while (:class:`Quiet`). Subscribers ignore the reply subject (the
+format is unchanged otherwise: publishers and subscribers of the previous
+version interoperate).
+
 Chunk payload: a 40-byte head (:data:`HEAD`: magic ``MSCK``, version, the
 publisher's 8-byte token, frame sequence number, chunk index, chunk count,
 frame size), then the bytes. **Peers are untrusted**: anyone who can publish
