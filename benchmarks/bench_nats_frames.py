@@ -16,6 +16,7 @@ subscriber processes, through:
   library: the publisher writes the same 1 MB ``PUB`` commands as
   ``raw-chunked``, the subscriber reads with ``recv_into`` and only finds the
   message boundaries (no ``bytes`` made): the ceiling of nats-server itself
+  for MB/s and p50 (its p99 is not one: the reader is a plain Python loop)
 * ``socket``       a loopback TCP socket per subscriber, 4 MiB buffers,
   length-prefixed frames read with ``recv_into`` into one buffer (no ``bytes``
   made): the ceiling for a copy through the kernel
