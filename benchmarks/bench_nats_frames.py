@@ -12,9 +12,17 @@ subscriber processes, through:
   application does on a default server without msight)
 * ``raw-big``      raw nats-py on a server with ``max_payload`` 64 MB: the frame
   as one message (what NATS does when the server is reconfigured)
+* ``server-raw``   raw sockets on both sides of the default server, no client
+  library: the publisher writes the same 1 MB ``PUB`` commands as
+  ``raw-chunked``, the subscriber reads with ``recv_into`` and only finds the
+  message boundaries (no ``bytes`` made): the ceiling of nats-server itself
+  for MB/s and p50 (its p99 is not one: the reader is a plain Python loop)
 * ``socket``       a loopback TCP socket per subscriber, 4 MiB buffers,
   length-prefixed frames read with ``recv_into`` into one buffer (no ``bytes``
   made): the ceiling for a copy through the kernel
+
+The ``srv ms`` column is nats-server's CPU time (user + system, from
+``/proc``) per frame sent, over the measured part of the run.
 
 Latency runs from just before the publish call to the subscriber holding the
 frame (``CLOCK_MONOTONIC`` of one host). MB/s is per subscriber, from the
@@ -45,7 +53,7 @@ HEAD = struct.Struct("<qB")  # sequence number, kind
 PART = struct.Struct("<qII")  # raw-chunked: sequence number, index, count
 LEN = struct.Struct("<Q")
 DATA, WARM, END = 0, 1, 2
-TRANSPORTS = ("msight", "msight-group", "raw-chunked", "raw-big", "socket")
+TRANSPORTS = ("msight", "msight-group", "raw-chunked", "raw-big", "server-raw", "socket")
 CASES = {"2M-paced": (2 * 1024 * 1024, "paced"), "4M-flat": (4 * 1024 * 1024, "flat")}
 RATE = 30.0
 PACED_FRAMES = 150
@@ -135,6 +143,62 @@ def _receive_raw(case: dict[str, Any], ready: Any) -> tuple[array, array]:
     return seqs, times
 
 
+def _receive_server_raw(case: dict[str, Any], ready: Any) -> tuple[array, array]:
+    """A raw socket subscribed on the server: walks the MSG lines, keeps nothing."""
+    seqs, times = array("q"), array("q")
+    host, port = case["url"].removeprefix("nats://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    buf = bytearray(8 * 1024 * 1024)
+    view = memoryview(buf)
+    start = end = kind = 0
+    sock.recv(65536)  # INFO
+    sock.sendall(b'CONNECT {"verbose":false}\r\nSUB %s 1\r\nPING\r\n' % case["topic"].encode())
+    while b"PONG" not in sock.recv(65536):
+        pass
+    ready()
+    sock.settimeout(IDLE + 30)
+    try:
+        while True:
+            if start == end:
+                start = end = 0
+            elif end == len(buf) or start > len(buf) // 2:
+                view[: end - start] = view[start:end]
+                start, end = 0, end - start
+            n = sock.recv_into(view[end:])
+            if not n:
+                break
+            end += n
+            while True:
+                line = buf.find(b"\r\n", start, end)
+                if line < 0:
+                    break
+                if buf[start] != ord("M"):  # PING, +OK
+                    if buf.startswith(b"PING", start):
+                        sock.sendall(b"PONG\r\n")
+                    start = line + 2
+                    continue
+                size = int(buf[buf.rfind(b" ", start, line) + 1 : line])
+                if end - (line + 2) < size + 2:
+                    break
+                seq, index, count = PART.unpack_from(buf, line + 2)
+                if index == 0:  # the frame's own head is at the start of its first chunk
+                    kind = buf[line + 2 + PART.size + 8]
+                start = line + 2 + size + 2
+                if index + 1 == count:
+                    t = now_ns()
+                    if kind == END:
+                        return seqs, times
+                    if kind == DATA:
+                        seqs.append(seq)
+                        times.append(t)
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    return seqs, times
+
+
 def _receive_socket(case: dict[str, Any], ready: Any) -> tuple[array, array]:
     seqs, times = array("q"), array("q")
     sock = socket.create_connection(("127.0.0.1", case["port"]))
@@ -182,6 +246,7 @@ def worker(conn: Any) -> None:
         "msight-group": _receive_msight,
         "raw-chunked": _receive_raw,
         "raw-big": _receive_raw,
+        "server-raw": _receive_server_raw,
     }
     while True:
         case = conn.recv()
@@ -225,7 +290,13 @@ class Publisher:
         self.nc: Any = None
         self.client: Any = None
         self.aio: _Loop | None = None
-        if transport == "socket":
+        self.raw: socket.socket | None = None
+        if transport == "server-raw":
+            host, port = case["url"].removeprefix("nats://").rsplit(":", 1)
+            self.raw = socket.create_connection((host, int(port)))
+            self.raw.recv(65536)  # INFO
+            self.raw.sendall(b'CONNECT {"verbose":false}\r\n')
+        elif transport == "socket":
             self.server = socket.create_server(("127.0.0.1", 0))
             case["port"] = self.server.getsockname()[1]
         elif transport.startswith("msight"):
@@ -266,7 +337,16 @@ class Publisher:
                 peer.sendall(frame)
             return t
         t = now_ns()
-        if self.client is not None:
+        if self.raw is not None:
+            view, subject = memoryview(frame), self.topic.encode()
+            count = -(-len(frame) // RAW_CHUNK)
+            for index in range(count):
+                part = view[index * RAW_CHUNK : (index + 1) * RAW_CHUNK]
+                head = PART.pack(seq, index, count)
+                self.raw.sendall(b"PUB %s %d\r\n%s" % (subject, len(head) + len(part), head))
+                self.raw.sendall(part)
+                self.raw.sendall(b"\r\n")
+        elif self.client is not None:
             self.client.publish(self.topic, frame)
         else:
             assert self.aio is not None
@@ -274,12 +354,18 @@ class Publisher:
         return t
 
     def flush(self) -> None:
-        if self.client is not None:
+        if self.raw is not None:  # a round trip: the server read everything before it
+            self.raw.sendall(b"PING\r\n")
+            while b"PONG" not in self.raw.recv(65536):
+                pass
+        elif self.client is not None:
             self.client.flush(60)
         elif self.aio is not None:
             self.aio.run(self.nc.flush(60))
 
     def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
         for peer in self.peers:
             peer.close()
         if self.server is not None:
@@ -291,9 +377,19 @@ class Publisher:
             self.aio.stop()
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (0.0 if unknown)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_case(
-    transport: str, name: str, subs: int, workers: list[Any], urls: dict[str, str]
-) -> dict:
+    transport: str, name: str, subs: int, workers: list[Any], urls: dict[str, str],
+    pids: dict[str, int | None] | None = None,
+) -> dict:  # fmt: skip
     size, mode = CASES[name]
     url = urls["big" if transport == "raw-big" else "default"]
     case = {"transport": transport, "topic": f"bench.frames.{uuid.uuid4().hex[:10]}",
@@ -314,6 +410,8 @@ def run_case(
             time.sleep(0.05)
         time.sleep(0.2)
         sent = array("q")
+        pid = (pids or {}).get("big" if transport == "raw-big" else "default")
+        cpu = _cpu_seconds(pid)
         if mode == "paced":
             start = now_ns() + 50_000_000
             for seq in range(PACED_FRAMES):
@@ -328,6 +426,8 @@ def run_case(
                 if time.monotonic() > stop:
                     break
         pub.flush()
+        if pid is not None and transport != "socket":
+            out["srv"] = (_cpu_seconds(pid) - cpu) * 1000 / max(len(sent), 1)
         time.sleep(0.3)
         for i in range(1 if transport == "socket" else 3):  # an end marker may be lost
             pub.send(10**12 + i, END, body)
@@ -391,7 +491,7 @@ def _fmt(value: float | None) -> str:
 
 def report(rows: list[dict[str, Any]]) -> str:
     head = f"{'case':<9}{'subs':>5}  {'transport':<12}{'lost':>6}{'p50 ms':>9}{'p99 ms':>9}"
-    lines = [head + f"{'max ms':>9}{'MB/s':>8}   rounds (p99 ms or MB/s)"]
+    lines = [head + f"{'max ms':>9}{'MB/s':>8}{'srv ms':>8}   rounds (p99 ms or MB/s)"]
     keys = sorted({(r["case"], r["subs"], r["transport"]) for r in rows},
                   key=lambda k: (k[0], k[1], TRANSPORTS.index(k[2])))  # fmt: skip
     for name, subs, transport in keys:
@@ -409,6 +509,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{name:<9}{subs:>5}  {transport:<12}{best['lost']:>6}{_fmt(best.get('p50')):>9}"
             f"{_fmt(best.get('p99')):>9}{_fmt(best.get('max')):>9}{_fmt(best.get('mbps')):>8}"
+            f"{_fmt(best.get('srv')):>8}"
             f"   {spread}{'  ' + best['note'] if best.get('note') else ''}"
         )
     return "\n".join(lines)
@@ -426,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 
     servers = [NatsServer().start(), NatsServer(jetstream=False, max_payload=64 << 20).start()]
     urls = {"default": servers[0].url, "big": servers[1].url}
+    pids = {key: getattr(server.process, "pid", None) for key, server in zip(urls, servers)}
     ctx = mp.get_context("spawn")
     workers, procs = [], []
     for _ in range(max(args.subs)):
@@ -441,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.cases:
                 for subs in args.subs:
                     for transport in args.transports:
-                        row = run_case(transport, name, subs, workers, urls)
+                        row = run_case(transport, name, subs, workers, urls, pids)
                         rows.append(row)
                         print(f"  round {round_ + 1} {name} {subs} sub {transport:<12} "
                               f"lost {row.get('lost', '-')} p50 {_fmt(row.get('p50'))} "

@@ -154,6 +154,72 @@ def test_a_queue_group_gets_each_frame_once_and_whole(make: Any, unique_topic: s
     assert lost == 0
 
 
+def _send_paced(pub: Any, topic: str, frames: list[bytes]) -> None:
+    for payload in frames:
+        pub.publish(topic, payload)
+        pub.flush(30)
+        time.sleep(0.02)
+
+
+def test_frames_nobody_reads_go_without_chunks_until_someone_subscribes(
+    make: Any, unique_topic: str
+) -> None:
+    """Nobody reads the topic: the server answers the first chunk's probe with
+    "no responders" and the publisher sends notices only. A queue-group member
+    that joins gets every later frame (asking for it) and the chunks resume and
+    stay while it reads (they hold a flat-out publisher to what the server
+    moves); a broadcast subscriber that joins gets every later frame too."""
+    pub = make()
+    _send_paced(pub, unique_topic, [frame(2 * MiB + i, i) for i in range(10)])
+    assert pub.stats()["large_frames_unchunked"] > 0
+    member = make("workers")
+    member.subscribe(unique_topic)
+    frames = [frame(2 * MiB + 3 * i, 20 + i) for i in range(8)]
+    _send_paced(pub, unique_topic, frames)
+    assert [m.data for m in collect(member, len(frames), 60)] == frames
+    unchunked = pub.stats()["large_frames_unchunked"]
+    more = [frame(MiB + 5 * i, 40 + i) for i in range(4)]
+    _send_paced(pub, unique_topic, more)
+    assert [m.data for m in collect(member, len(more), 60)] == more
+    assert pub.stats()["large_frames_unchunked"] == unchunked  # a member reads: chunks
+    watcher = make()
+    watcher.subscribe(unique_topic)
+    later = [frame(2 * MiB + 7 * i, 50 + i) for i in range(6)]
+    _send_paced(pub, unique_topic, later)
+    assert [m.data for m in collect(watcher, len(later), 60)] == later
+    assert [m.data for m in collect(member, len(later), 60)] == later
+    assert pub.stats()["large_frames_unchunked"] == unchunked
+    assert watcher.stats()["large_frames_lost"] == 0
+    assert member.stats()["large_frames_lost"] == 0
+
+
+def test_a_forged_no_responders_status_costs_requests_not_frames(
+    make: Any, nats_server: NatsServer, unique_topic: str
+) -> None:
+    """A raw client sends the publisher's probe subjects a 503 status before every
+    frame: the broadcast subscriber still gets every frame, whole and in order."""
+    sub = make()
+    sub.subscribe(unique_topic)
+    pub = make()
+    token = next(iter(_publisher_tokens(nats_server.url, unique_topic, pub)))
+    assert len(collect(sub, 1, 30)) == 1
+    frames = [frame(2 * MiB + 3 * i, 20 + i) for i in range(8)]
+
+    async def forge(nc: Any) -> None:
+        for payload in frames:
+            for number in range(3):
+                await nc.publish(f"_msight.frames.{token}.{number}", b"", headers={"Status": "503"})
+            await nc.flush()
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(pub.publish, unique_topic, payload)
+            await asyncio.to_thread(pub.flush, 30)
+
+    _raw(nats_server.url, forge)
+    assert [m.data for m in collect(sub, len(frames), 60)] == frames
+    assert sub.stats()["large_frames_lost"] == 0
+    assert pub.stats()["large_frames_unchunked"] > 0  # the forgery did take effect
+
+
 def test_without_jetstream_broadcast_and_groups_carry_large_frames(unique_topic: str) -> None:
     with NatsServer(jetstream=False) as server:
         env = server.env()

@@ -52,6 +52,7 @@ from .chunks import (
     FETCH_PREFIX,
     SOURCE_HEADER,
     Assembler,
+    Quiet,
     Retained,
     chunk_size,
     fetch,
@@ -104,7 +105,13 @@ class LargeFrames:
     the stream of frame chunks shared by every msight publisher on a server,
     and read back from either."""
 
-    def __init__(self, ttl: float, max_bytes: int, timeout: float, core: bool = False) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_bytes: int,
+        timeout: float,
+        core: bool = False,
+    ) -> None:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self.timeout = timeout
@@ -118,6 +125,7 @@ class LargeFrames:
         self._seqs = itertools.count(1)
         self._retained = Retained(max_bytes // 4)
         self._serving: Any = None
+        self.quiet = Quiet(FETCH_PREFIX + self._token.hex())
         self._send: Callable[[Any], Awaitable[None]] | None = None
         self._chunk = chunk_size(1024 * 1024)
 
@@ -183,6 +191,7 @@ class LargeFrames:
         if self._serving is None:
             self._send = send
             self._serving = await nc.subscribe(FETCH_PREFIX + self._token.hex(), cb=self._serve)
+            await nc.subscribe(self.quiet.base + ".*", cb=self._no_responders)
         seq = next(self._seqs)
         chunk = self._chunk = chunk_size(nc.max_payload)
         token = self._token.hex()
@@ -190,8 +199,16 @@ class LargeFrames:
         notice += f"{SOURCE_HEADER}: {FETCH_PREFIX}{token}\r\n\r\n".encode()
         name = topic.encode()
         command = b"HPUB %s %d %d\r\n%s\r\n" % (name, len(notice), len(notice), notice)
-        self._retained.add(seq, data)
-        return frame_pieces(topic, self._token, seq, data, chunk, command)
+        self._retained.add(seq, data, topic)
+        probe = self.quiet.probe(topic)
+        if probe is None:  # nobody subscribes the chunks: the notice only
+            return (command,)
+        return frame_pieces(topic, self._token, seq, data, chunk, command, probe)
+
+    async def _no_responders(self, msg: Any) -> None:
+        """The server's answer to a probe (:class:`.chunks.Quiet`)."""
+        if msg.headers and msg.headers.get("Status") == "503":
+            self.quiet.no_responders(msg.subject)
 
     async def _serve(self, msg: Any) -> None:
         """A request for a kept frame (from a queue-group member): the chunks go
@@ -203,6 +220,9 @@ class LargeFrames:
         data = None
         if parsed is not None and parsed[0] == self._token:
             data = self._retained.take(parsed[1])
+            topic = self._retained.topic(parsed[1])
+            if topic is not None:
+                self.quiet.asked(topic)
         seq = parsed[1] if parsed is not None else 0
         try:
             await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))

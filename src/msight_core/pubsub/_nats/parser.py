@@ -144,17 +144,19 @@ class FastParser:
         sid: int,
         deliver: Callable[[str, bytes, bytes, bytes | None], None],
         marker: bytes | None = None,
+        views: bool = False,
     ) -> Route:
         """Send the plain messages of subscription ``sid`` to ``deliver``.
 
         Messages with headers go there too, unless a header block has a status
         line or contains ``marker``; the block is passed on only if the route
-        keeps it (:meth:`Route.kept`: trace context), else ``None``.
+        keeps it (:meth:`Route.kept`: trace context), else ``None``. With
+        ``views``, a large payload is passed as a memoryview valid during the call.
 
         Call it right after subscribing, before any message of the subscription
         took the client's path: routing the next ones directly could overtake it.
         """
-        route = Route(deliver, marker)
+        route = Route(deliver, marker, views)
         self.routes[sid] = route
         return route
 
@@ -422,8 +424,6 @@ class FastParser:
             raise ProtocolError("nats: no CRLF after a message payload")
         self.frame_head = None
         self.frame_fill = 0
-        with memoryview(frame) as view:
-            payload = view[hdr_size:size].tobytes()
         route = self.routes.get(sid)
         if (
             route is not None
@@ -435,10 +435,14 @@ class FastParser:
             stats["in_bytes"] += size
             try:
                 kept = route.kept(frame, 0, hdr_size) if hdr_size else None
-                route.deliver(subject.decode(), payload, reply, kept)
+                with memoryview(frame) as view, view[hdr_size:size] as part:
+                    data = part if route.views else part.tobytes()
+                    route.deliver(subject.decode(), data, reply, kept)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - this message only
                 self._drop("cannot deliver it", exc)
             return True
+        with memoryview(frame) as view:
+            payload = view[hdr_size:size].tobytes()
         hdr = bytes(frame[:hdr_size]) if hdr_size else None
         if route is not None:
             route.busy += 1

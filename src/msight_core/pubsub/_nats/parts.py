@@ -114,6 +114,7 @@ def counters(parts: Parts) -> dict[str, Any]:
         "publish_failed": pub.failed,
         "refused": pub.refusals,
         "large_frames_sent": pub.frames,
+        "large_frames_unchunked": parts.large.quiet.skipped,
         "large_frames_received": parts.large.fetched,
         "large_frames_lost": parts.large.lost,
         "malformed_dropped": parts.subscriber.dropped,

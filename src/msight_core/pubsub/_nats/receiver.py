@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-__all__ = ["Buffers", "Receiver"]
+__all__ = ["AFTER_FRAME_READ", "Buffers", "Receiver"]
+
+AFTER_FRAME_READ = 64 * 1024  # the read after a large payload, at most
 
 
 class Buffers(Protocol):
@@ -48,6 +50,7 @@ class Receiver(asyncio.BufferedProtocol):
         self.paused = False
         self.detached = False  # the parser was reset: what still arrives is discarded
         self._waiter: asyncio.Future[None] | None = None
+        self.after_frame = False  # the next read into the ring buffer is a short one
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------
 
@@ -63,7 +66,15 @@ class Receiver(asyncio.BufferedProtocol):
         buf = parser.buf
         if parser.end >= len(buf):  # not expected (full pauses reading): never return nothing
             buf.extend(bytes(64 * 1024))
-        return memoryview(buf)[parser.end :]
+        stop = len(buf)
+        if self.after_frame:
+            # Large payloads tend to follow one another (a frame's chunks): read the
+            # next one's MSG line and a little of it, so that the rest is read into
+            # the frame buffer, not into the ring buffer to be copied from there
+            # (and a ring buffer filled to the brim pauses reading: two syscalls).
+            self.after_frame = False
+            stop = min(stop, parser.end + AFTER_FRAME_READ)
+        return memoryview(buf)[parser.end : stop]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.detached:
@@ -73,6 +84,7 @@ class Receiver(asyncio.BufferedProtocol):
         if head is not None and parser.frame_fill < head[4] + 2:
             parser.frame_fill += nbytes
             if parser.frame_fill >= head[4] + 2:
+                self.after_frame = True
                 self._wake()
             return
         parser.end += nbytes

@@ -59,13 +59,19 @@ def copy_out(buf: bytearray, start: int, stop: int) -> bytes:
 class Route:
     """Where a routed subscription's plain messages go, and its ordering state."""
 
-    __slots__ = ("busy", "deliver", "marker", "subjects")
+    __slots__ = ("busy", "deliver", "marker", "subjects", "views")
 
     def __init__(
-        self, deliver: Callable[[str, bytes, bytes, bytes | None], None], marker: bytes | None
+        self,
+        deliver: Callable[[str, bytes, bytes, bytes | None], None],
+        marker: bytes | None,
+        views: bool = False,
     ) -> None:
         self.deliver = deliver
         self.marker = marker
+        # A large payload goes to ``deliver`` as a memoryview of the parser's frame
+        # buffer, valid during the call only (the route copies what it keeps).
+        self.views = views
         self.busy = 0  # messages handed to the client's path and not yet handled
         self.subjects: dict[bytes, str] = {}
 

@@ -341,7 +341,7 @@ class Subscriber:
         )
         key = internals.core_route(side)
         if self._parser is not None and key is not None:
-            self._parser.route(key[0], assembler.on_chunk)
+            self._parser.route(key[0], assembler.on_chunk, views=True)  # type: ignore[arg-type]
 
     async def drain(self) -> None:
         """Stop deliveries: UNSUB, a round trip, and the callback sees what came before."""
