@@ -85,17 +85,9 @@ def _value(v: Any, lo: int, hi: int, depth: int) -> tuple[Any, int]:
         return v, 0
     if isinstance(v, np.ndarray):
         return (_copy(v), 1) if _inside(v, lo, hi) else (v, 0)
-    if isinstance(v, list):
+    if isinstance(v, (list, dict)):
         n = 0
-        for i, x in enumerate(v):
-            new, k = _value(x, lo, hi, depth + 1)
-            if k:
-                v[i] = new
-                n += k
-        return v, n
-    if isinstance(v, dict):
-        n = 0
-        for key, x in list(v.items()):
+        for key, x in list(v.items()) if isinstance(v, dict) else enumerate(v):
             new, k = _value(x, lo, hi, depth + 1)
             if k:
                 v[key] = new
