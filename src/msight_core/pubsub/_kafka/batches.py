@@ -13,13 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._core import Delivery
+from .runs import MAX_AHEAD, Runs
 from .stamps import SEQ_MAGIC, SEQ_STRUCT
 
 __all__ = ["MAX_AHEAD", "Batches"]
-
-#: Seqs a record may run ahead of the next expected one and still be held for order.
-MAX_AHEAD = 65536
 
 TP = tuple  # (topic, partition)
 
@@ -27,7 +24,7 @@ _unpack = SEQ_STRUCT.unpack
 _SIZE = SEQ_STRUCT.size
 
 
-class Batches:
+class Batches(Runs):
     """Mixed into :class:`~.order.Sequencer`: its state, its slow path (``_add``)."""
 
     # Set by the Sequencer (declared for readers and type checkers).
@@ -38,6 +35,7 @@ class Batches:
     path, which carries the headers (trace context) to their delivery."""
     emit: Callable[[Any, TP, int], None]
     append: Callable[[Any], None] | None
+    extend: Callable[[Any], None]
     states: dict[tuple[str, bytes], Any]
     pins: dict[TP, Any]
     now: float
@@ -60,20 +58,33 @@ class Batches:
         (revoked meanwhile) are skipped. Items are made here: ``(value, offset + 1)``
         with ``pin``, else a :class:`~.._core.Delivery`, handed to ``append``.
 
-        This is the drain's hot loop, hence written for speed: the stamp is one
-        ``struct`` unpack, the publisher's state is looked up once per run of
-        records of one publisher in one partition (Kafka hands out such runs),
-        and the two common cases (the next one in turn; one to hold while the
-        next one is awaited from another partition) are handled inline.
+        A broadcast subscriber takes whole partition runs at once where it can
+        (:mod:`.runs`); the rest goes through :meth:`_take_each`.
         """
         self.now = time.monotonic()
+        if self.bare and not self.trace and self.extend is not None:
+            self._take_runs(msgs, gens, other)
+        else:
+            self._take_each(msgs, gens, other)
+        self.flush_batch()
+
+    def _take_each(
+        self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]
+    ) -> None:
+        """:meth:`take` record by record (without ending the batch).
+
+        Written for speed too: the stamp is one ``struct`` unpack, the
+        publisher's state is looked up once per run of records of one publisher
+        in one partition (Kafka hands out such runs), and the two common cases
+        (the next one in turn; one to hold while the next one is awaited from
+        another partition) are handled inline.
+        """
         pin, emit, slow = self.pin, self.emit, self._add
         bare = self.bare
         trace = self.trace
         direct = self.append if bare else None
         states, max_count = self.states, self.max_count
         unpack, size, magic = _unpack, _SIZE, SEQ_MAGIC
-        new, delivery = tuple.__new__, Delivery
         last_part, last_pid, last_topic = -1, b"", ""
         key: TP = ("", -1)
         state: Any = None
@@ -100,16 +111,16 @@ class Batches:
                 data = b""
             offset = m.offset()
             if state is None or state.fresh or state.n != n or (state.base + seq) % n != part:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                item = (data, offset + 1) if pin else (topic, data, None, None)
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))  # made, or replaced
                 continue
             expected = state.next
             if seq == expected:
                 if direct is not None:
-                    direct(new(delivery, (topic, data, None, None)))
+                    direct((topic, data, None, None))
                 else:
-                    item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                    item = (data, offset + 1) if pin else (topic, data, None, None)
                     emit(item, key, offset)
                 seq += 1
                 if state.held or (state.base + seq) % n not in state.mask:
@@ -143,7 +154,6 @@ class Batches:
                 if (state.base + expected) % n == part:
                     self._advance(state, expected)  # a later one came in its partition
             else:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                item = (data, offset + 1) if pin else (topic, data, None, None)
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))
-        self.flush_batch()

@@ -64,7 +64,13 @@ class Inbox:
         self.chunks = Reassembler(budget)
         emit = self._emit_token if grouped else self._emit
         self.order = Sequencer(
-            config.order_wait, budget, config.queue.max_messages, emit, grouped, out.append
+            config.order_wait,
+            budget,
+            config.queue.max_messages,
+            emit,
+            grouped,
+            out.append,
+            out.extend,
         )
         self._last_evict = 0.0
 
@@ -76,7 +82,6 @@ class Inbox:
             # Broadcast, nothing pending: plain unstamped records (raw producers,
             # ``ordered`` publishers) go straight out, as cheaply as possible.
             append, magics = self.out.append, _MAGICS
-            new, delivery = tuple.__new__, Delivery
             for index, m in enumerate(msgs):
                 stamp = m.key()
                 if (
@@ -87,7 +92,7 @@ class Inbox:
                 ):
                     self._handle(msgs[index:])
                     return
-                append(new(delivery, (m.topic(), m.value() or b"", None, None)))
+                append((m.topic(), m.value() or b"", None, None))  # a plain Delivery
             return
         self._handle(msgs)
 

@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .._core import Delivery
 from .batches import MAX_AHEAD, Batches
 from .stamps import SEQ_STRUCT
 
@@ -90,7 +89,8 @@ class Sequencer(Batches):
         emit: called with ``(item, key, offset)`` for each message handed out, in order.
         pin: keep the offsets of held messages (group members, which commit).
         append: without ``pin``, where :meth:`take` puts the deliveries it makes
-            (``emit`` then gets those deliveries as items too).
+            (``emit`` then gets those deliveries as items too); ``extend``: the
+            same for many at once (whole runs are then taken at once, :mod:`.runs`).
 
     ``take()`` takes a fetched batch of Kafka records (``add()`` one stamped
     record, then ``flush_batch()`` ends the batch); ``expire()`` is called regularly. With ``pin``, ``pins`` maps each partition
@@ -106,9 +106,10 @@ class Sequencer(Batches):
         emit: Callable[[Any, TP, int], None],
         pin: bool = True,
         append: Callable[[Any], None] | None = None,
+        extend: Callable[[Any], None] | None = None,
     ) -> None:
         self.wait = wait
-        self.append = append
+        self.append, self.extend = append, extend  # type: ignore[assignment]
         # Without pins, a held entry is just the message's bytes, made a delivery
         # when handed out: most records of a drain are held a while, and bytes
         # are no work for Python's cyclic GC (a delivery, a tuple subclass, is).
@@ -328,6 +329,9 @@ class Sequencer(Batches):
         self.emit(item, key, offset)
 
     def _hold(self, state: _State, seq: int, item: Any, key: TP, offset: int, size: int) -> None:
+        if seq in state.held:  # the same seq again (re-sent) before its publisher's start
+            self.emit(item, key, offset)  # is known: passed on (held twice, counted once)
+            return
         part, top = key[1], state.top
         if seq > top.get(part, -1):
             top[part] = seq
@@ -381,7 +385,7 @@ class Sequencer(Batches):
     def _entry(self, state: _State, seq: int, entry: Any) -> tuple[Any, TP, int, int]:
         """``(item, key, offset, size)`` of a held entry."""
         if self.bare:  # the bytes, or a whole Delivery when it carries headers
-            item = Delivery(state.topic, entry, None) if type(entry) is bytes else entry
+            item = (state.topic, entry, None, None) if type(entry) is bytes else entry
             return item, (state.topic, (state.base + seq) % state.n), -1, len(item[1])
         return entry  # type: ignore[no-any-return]
 
@@ -401,7 +405,7 @@ class Sequencer(Batches):
             state.next = seq
             return
         emit, pin, pop, append = self.emit, self.pin, held.pop, self.append
-        bare, topic, new = self.bare, state.topic, tuple.__new__
+        bare, topic = self.bare, state.topic
         released = released_bytes = 0
         while True:
             entry = pop(seq, None)
@@ -409,7 +413,7 @@ class Sequencer(Batches):
                 released += 1
                 if type(entry) is bytes:
                     released_bytes += len(entry)
-                    append(new(Delivery, (topic, entry, None, None)))
+                    append((topic, entry, None, None))  # a plain delivery
                 else:  # a Delivery with headers
                     released_bytes += len(entry[1])
                     append(entry)
