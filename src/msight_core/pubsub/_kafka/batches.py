@@ -10,6 +10,7 @@ partition and then of the next while a publisher's seqs go round them.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class Batches(Runs):
     extend: Callable[[Any], None]
     states: dict[tuple[str, bytes], Any]
     pins: dict[TP, Any]
+    _unpinned: dict[TP, dict[int, int]]
     now: float
     held_count: int
     held_bytes: int
@@ -45,7 +47,6 @@ class Batches(Runs):
     max_bytes: int
     _add: Callable[..., None]
     _advance: Callable[[Any, int], None]
-    _pin: Callable[[TP, int], None]
     _shed: Callable[[], None]
     flush_batch: Callable[[], None]
 
@@ -105,6 +106,8 @@ class Batches(Runs):
                     last_part = -1
                     continue
                 state = states.get((topic, pid))
+                if state in self.pend:
+                    self._spill(state)  # held as whole runs: record by record from here
                 last_part, last_pid, last_topic = part, pid, topic
             data = m.value()
             if data is None:
@@ -157,3 +160,33 @@ class Batches(Runs):
                 item = (data, offset + 1) if pin else (topic, data, None, None)
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))
+
+    def _pin(self, key: TP, offset: int) -> None:
+        pins = self.pins.get(key)
+        if pins is None:
+            pins = self.pins[key] = deque()
+        pins.append(offset)
+        if len(pins) > 1 and offset < pins[-2]:
+            self.pins[key] = deque(sorted(pins))  # a split frame starts before others
+
+    def _unpin(self, key: TP, offset: int) -> None:
+        pins = self.pins.get(key)
+        if pins is None:
+            return
+        if pins[0] != offset:
+            gone = self._unpinned.setdefault(key, {})
+            gone[offset] = gone.get(offset, 0) + 1
+            return
+        pins.popleft()
+        gone = self._unpinned.get(key)
+        while pins and gone and pins[0] in gone:
+            done = pins.popleft()
+            if gone[done] <= 1:
+                del gone[done]
+            else:
+                gone[done] -= 1
+        if gone is not None and not gone:
+            del self._unpinned[key]
+        if not pins:
+            del self.pins[key]
+            self._unpinned.pop(key, None)

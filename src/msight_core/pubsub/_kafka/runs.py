@@ -72,6 +72,8 @@ class Runs:
     _idle: Callable[[Any], None]
     _shed: Callable[[], None]
     _take_each: Callable[[list[Any], dict[TP, int], Callable[[Any], None]], None]
+    _wait_for: Callable[[Any], float]
+    pend: dict[Any, dict[int, list[Any]]]
 
     def _take_runs(
         self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]
@@ -134,7 +136,20 @@ class Runs:
         values = list(map(_value, run))
         if None in values:
             values = [v if v is not None else b"" for v in values]
-        state.held.update(zip(range(s0, last + 1, n), values))
+        runs = self.pend.get(state)
+        if runs is None:
+            if not state.held:
+                runs = self.pend[state] = {}
+            elif self._compact(state, count):
+                runs = self.pend[state]
+        if runs is not None:  # held as whole runs
+            held = runs.get(part)
+            if held is None:
+                runs[part] = [s0, values]
+            else:
+                held[1] += values
+        else:  # held in the per-record path's dict
+            state.held.update(zip(range(s0, last + 1, n), values))
         state.top[part] = last
         self.held_count += count
         self.held_bytes += sum(map(len, values))
@@ -145,9 +160,95 @@ class Runs:
             self._waiting[id(state)] = state
         if self.held_bytes > self.max_bytes:
             self._shed()
-        if state.held and state.next is not None:
+        if state in self.pend:
+            self._release_runs(state, self.pend[state])
+        elif state.held and state.next is not None:
             self._release(state)
         return True
+
+    # -- held as whole runs -------------------------------------------------------------
+    #
+    # ``pend[state]`` maps each partition of the publisher's rotation to
+    # ``[seq, values]``: its held messages, seqs ``seq, seq + n, ...``, where ``seq``
+    # is the partition's first seq from ``state.next`` (nothing missing in
+    # between, or the run would not have been taken). ``state.held`` is empty
+    # meanwhile; the per-record path gets the dict back first (``_spill``).
+
+    def _compact(self, state: Any, count: int) -> bool:
+        """Move ``state.held`` into runs, if it is laid out as runs would be."""
+        held, n, nxt, base, top = state.held, state.n, state.next, state.base, state.top
+        if len(held) > 8 * count:
+            return False  # not worth a try: the dict path
+        runs: dict[int, list[Any]] = {}
+        total = 0
+        for p in range(n):
+            if top.get(p, -1) >= nxt:
+                first = nxt + (p - base - nxt) % n
+                values = list(map(held.get, range(first, top[p] + 1, n)))
+                if set(map(type, values)) != {bytes}:
+                    return False  # a hole, or a message with headers
+                runs[p] = [first, values]
+                total += len(values)
+        if total != len(held):
+            return False
+        held.clear()
+        self.pend[state] = runs
+        return True
+
+    def _spill(self, state: Any) -> None:
+        """Back into ``state.held`` (for the per-record path)."""
+        runs = self.pend.pop(state, None)
+        if runs:
+            n = state.n
+            for first, values in runs.values():
+                state.held.update(zip(range(first, first + len(values) * n, n), values))
+
+    def _spill_all(self) -> None:
+        for state in list(self.pend):
+            self._spill(state)
+
+    def _expire_runs(self, now: float) -> float | None:
+        """Waits held as runs: those due go back to the dict (``expire`` gives them
+        up); returns the earliest deadline of the others."""
+        deadline = None
+        for state in list(self.pend):
+            due = state.since + self._wait_for(state)
+            if now >= due:
+                self._spill(state)
+            elif deadline is None or due < deadline:
+                deadline = due
+        return deadline
+
+    def _release_runs(self, state: Any, runs: dict[int, list[Any]]) -> None:
+        """Hand out what is in turn: the runs interleaved by slice assignment."""
+        nxt, n, base = state.next, state.n, state.base
+        order = [(base + nxt + j) % n for j in range(n)]  # partitions from ``next`` on
+        avail = [len(runs[p][1]) if p in runs else 0 for p in order]
+        rounds = min(avail)
+        stop = avail.index(rounds)  # the first partition to run out
+        total = rounds * n + stop
+        if not total:
+            return
+        chunk: list[Any] = [None] * total
+        for j, p in enumerate(order):
+            take = rounds + 1 if j < stop else rounds
+            if take:
+                held = runs[p]
+                values = held[1]
+                chunk[j::n] = values[:take]
+                if take == len(values):
+                    del runs[p]
+                else:
+                    del values[:take]
+                    held[0] += take * n
+        state.next = nxt + total
+        self.held_count -= total
+        self.held_bytes -= sum(map(len, chunk))
+        state.since = self.now
+        if not runs:
+            del self.pend[state]
+            self._idle(state)
+        self.extend(zip(repeat(state.topic), chunk, repeat(None), repeat(None)))
 
     def _release(self, state: Any) -> None:
         """Hand out what is in turn from ``state.next`` as a whole (the per-record
