@@ -286,3 +286,21 @@ def test_a_run_that_starts_with_a_record_already_held_goes_record_by_record() ->
         assert sorted(got) == sorted([*range(60), 38])  # the copy too, once
         assert [s for s in got if s != 38] == [s for s in range(60) if s != 38]
         assert inbox.order.held_count == 0 and inbox.order.held_bytes == 0
+
+
+def test_records_without_a_value_are_empty_messages_in_bulk_too() -> None:
+    pid, n = b"E" * 8, 2
+    msgs = [
+        Message(
+            topic=T,
+            partition=s % n,
+            offset=s // n,
+            key=stamp(pid, s, n),
+            value=None if s % 5 == 0 else _value(pid, s),
+        )
+        for part in range(n)
+        for s in range(part, 100, n)
+    ]
+    (bulk_out, bulk_counts), (each_out, each_counts) = _run_both(msgs, n, [1000])
+    assert bulk_out == each_out and bulk_counts == each_counts
+    assert [d for _, d in bulk_out][::5] == [b""] * 20

@@ -134,8 +134,11 @@ class Runs:
         if s0 != (top + n if top >= nxt else nxt + (part - base - nxt) % n):
             return False
         values = list(map(_value, run))
-        if None in values:
+        try:
+            nbytes = sum(map(len, values))
+        except TypeError:  # a record without a value (a tombstone): empty bytes
             values = [v if v is not None else b"" for v in values]
+            nbytes = sum(map(len, values))
         runs = self.pend.get(state)
         if runs is None:
             if not state.held:
@@ -152,7 +155,7 @@ class Runs:
             state.held.update(zip(range(s0, last + 1, n), values))
         state.top[part] = last
         self.held_count += count
-        self.held_bytes += sum(map(len, values))
+        self.held_bytes += nbytes
         state.last = self.now
         if not state.waiting:
             state.waiting = True
