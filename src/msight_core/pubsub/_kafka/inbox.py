@@ -7,7 +7,7 @@ through, in turn:
   frame goes on once whole);
 * the :class:`~.order.Sequencer` when its key is a sequence stamp (held back
   only while an earlier message of its publisher may still come);
-* the output deque, as a :class:`~.._core.Delivery`.
+* the output deque, as a :class:`~.._core.Delivery` (a plain tuple of its fields).
 
 A group member's delivery carries the token ``(partition, offset, generation)``
 where ``offset`` is what may be committed once the application processed it:
@@ -32,7 +32,6 @@ __all__ = ["Inbox"]
 
 TP = tuple  # (topic, partition)
 _MAGICS = (SEQ_MAGIC, FRAME_MAGIC)
-_new = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 class Inbox:
@@ -146,7 +145,7 @@ class Inbox:
             safe = pins[0]
         gen = self.gens.get(key)
         if gen is not None:
-            self.out.append(_new(Delivery, (key[0], data, (key[1], safe, gen), headers)))
+            self.out.append((key[0], data, (key[1], safe, gen), headers))  # a plain Delivery
 
     # -- positions ------------------------------------------------------------------------
 
