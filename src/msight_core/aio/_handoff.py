@@ -160,13 +160,13 @@ class LoopFed(QueueBackend):
     def release(self) -> None:
         """The application came back for the next message: acknowledge the one in hand."""
         previous, self._in_hand = self._in_hand, None
-        if previous is not None and previous.token is not None:
+        if previous is not None and previous[2] is not None:  # token
             self._ack(previous)
 
     def next_nowait(self) -> Delivery | None:
         """:meth:`release`, then :meth:`take_nowait`, in one call (the hot path)."""
         previous, self._in_hand = self._in_hand, None
-        if previous is not None and previous.token is not None:
+        if previous is not None and previous[2] is not None:  # token
             self._ack(previous)
         local = self._local
         if local and not self._filtering and self._state is State.OPEN:
@@ -194,7 +194,7 @@ class LoopFed(QueueBackend):
             elif self._state is not State.OPEN:
                 return CLOSED
             item = local.popleft()
-            if not self._filtering or item.token is None or self._accept(item):
+            if not self._filtering or item[2] is None or self._accept(item):
                 break
         self._in_hand = item
         self.delivered += 1

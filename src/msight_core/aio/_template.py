@@ -97,7 +97,7 @@ class AsyncQueueBase(AsyncPubSubBackend):
             raise ClosedError(f"{type(self).__name__} is closed")
         if item is None:
             return None
-        return Message(item.topic, item.data)
+        return Message(item[0], item[1])  # topic, data
 
     async def close(self) -> None:
         await self._shutdown(commit_in_hand=True)
@@ -355,4 +355,4 @@ class _Payloads:
             item = await self._wait(None)
         if item is CLOSED:
             raise StopAsyncIteration
-        return item.data
+        return item[1]  # data

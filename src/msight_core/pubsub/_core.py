@@ -78,11 +78,18 @@ class QueueBackend(PubSubBackend):
         return self._listen()
 
     def _listen(self) -> Iterator[bytes]:
+        local = self._local
         while True:
             item = self._next(None)
             if item is None:
                 return
-            yield item.data
+            yield item[1]  # data
+            # The rest of the batch taken with it, inline while nothing in it needs
+            # acknowledging or checking (what _next does for such deliveries).
+            while local and local[0][2] is None and self._state is State.OPEN:
+                item = self._in_hand = local.popleft()
+                self.delivered += 1
+                yield item[1]
 
     def receive(self, timeout: float | None = None, *, ack: bool = True) -> Message | None:
         """Take the next message with its topic; ``None`` after ``timeout`` seconds.
@@ -112,10 +119,10 @@ class QueueBackend(PubSubBackend):
             if self._state is not State.OPEN:
                 raise ClosedError(f"{type(self).__name__} is closed")
             return None
-        if not ack and item.token is not None:
+        if not ack and item[2] is not None:  # token
             self._in_hand = None
             self._unacked.append(item)
-        return Message(item.topic, item.data)
+        return Message(item[0], item[1])  # topic, data
 
     def acknowledge(self) -> int:
         """Acknowledge every message taken with ``receive(ack=False)`` so far, in order.
@@ -162,7 +169,7 @@ class QueueBackend(PubSubBackend):
         """Trace headers of the message ``listen()``/``receive()`` handed out last
         (``None``: none, or the broker has no headers); see :mod:`msight_core.tracing`."""
         in_hand = self._in_hand
-        return None if in_hand is None else in_hand.headers
+        return None if in_hand is None else in_hand[3]  # headers
 
     def stats(self) -> dict[str, Any]:
         """Counters for the application: delivered, queued, dropped per topic."""
@@ -212,7 +219,7 @@ class QueueBackend(PubSubBackend):
 
     def _next(self, timeout: float | None) -> Delivery | None:
         previous, self._in_hand = self._in_hand, None
-        if previous is not None and previous.token is not None:
+        if previous is not None and previous[2] is not None:  # token
             self._ack(previous)
         local = self._local
         while True:
@@ -225,7 +232,7 @@ class QueueBackend(PubSubBackend):
             elif self._state is not State.OPEN:
                 return None
             item = local.popleft()
-            if not self._filtering or item.token is None or self._accept(item):
+            if not self._filtering or item[2] is None or self._accept(item):
                 break
         self._in_hand = item
         self.delivered += 1
@@ -241,7 +248,7 @@ class QueueBackend(PubSubBackend):
         self._unacked = []  # never confirmed: the broker delivers them again
         in_hand, self._in_hand = self._in_hand, None
         try:
-            if commit_in_hand and in_hand is not None and in_hand.token is not None:
+            if commit_in_hand and in_hand is not None and in_hand[2] is not None:
                 try:
                     self._ack(in_hand)
                 except Exception:  # closing must go on; the message is redelivered

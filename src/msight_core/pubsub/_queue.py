@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from enum import Enum
+from itertools import accumulate, repeat, starmap
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -29,7 +31,14 @@ _BATCH_BYTES = 1024 * 1024
 
 
 class Delivery(NamedTuple):
-    """A received message as a backend hands it over."""
+    """A received message as a backend hands it over.
+
+    A backend may queue a plain tuple of the same four fields instead: readers
+    of the queue index deliveries (``item[1]`` is the data), never use the
+    field names. (Creating a tuple subclass costs about a microsecond per
+    message more than a tuple, most of it in the cyclic GC: too much for a
+    drain at 200k msg/s.)
+    """
 
     topic: str
     data: bytes
@@ -95,7 +104,7 @@ class ReceiveQueue:
         clean = True
         with self._cond:
             for item in items:
-                size = len(item.data)
+                size = len(item[1])
                 if self._closed:
                     return False
                 while self._items and (
@@ -103,8 +112,8 @@ class ReceiveQueue:
                 ):
                     if cfg.overflow is OverflowPolicy.DROP_OLDEST:
                         old = self._items.popleft()
-                        self._bytes -= len(old.data)
-                        self._drop(old.topic)
+                        self._bytes -= len(old[1])
+                        self._drop(old[0])
                         clean = False
                     elif cfg.overflow is OverflowPolicy.DROP_NEWEST:
                         break
@@ -117,7 +126,7 @@ class ReceiveQueue:
                     self._items.append(item)
                     self._bytes += size
                     continue
-                self._drop(item.topic)  # DROP_NEWEST broke out of the loop
+                self._drop(item[0])  # DROP_NEWEST broke out of the loop
                 clean = False
             if self._items:
                 self._cond.notify()
@@ -145,7 +154,7 @@ class ReceiveQueue:
                     items.clear()
                     count, nbytes = len(queued), nbytes + total
             while items and count < cfg.max_messages:
-                size = len(items[0].data)
+                size = len(items[0][1])
                 if count and nbytes + size > cfg.max_bytes:
                     break
                 queued.append(items.popleft())
@@ -212,15 +221,18 @@ class ReceiveQueue:
             if self._closed:
                 return _CLOSED
             # Batches stay small in bytes too, so big frames are still handed out
-            # one at a time and the queue's byte bound keeps meaning something.
+            # one at a time and the queue's byte bound keeps meaning something:
+            # up to and including the delivery that reaches _BATCH_BYTES.
             items = self._items
-            batch = [items.popleft()]
-            size = len(batch[0].data)
-            while items and len(batch) < limit and size < _BATCH_BYTES:
-                item = items.popleft()
-                size += len(item.data)
-                batch.append(item)
-            self._bytes -= size
+            count = min(limit, len(items))
+            batch = list(starmap(items.popleft, repeat((), count)))  # C speed
+            sizes = list(accumulate(map(len, map(_data, batch))))
+            if sizes[-1] >= _BATCH_BYTES:
+                keep = bisect_left(sizes, _BATCH_BYTES) + 1
+                if keep < count:
+                    items.extendleft(reversed(batch[keep:]))
+                    del batch[keep:]
+            self._bytes -= sizes[len(batch) - 1]
             if self.config.overflow is OverflowPolicy.BLOCK:
                 self._cond.notify_all()
             return batch

@@ -184,14 +184,14 @@ class KafkaPubSub(QueueBackend):
 
     def _ack(self, delivery: Delivery) -> None:
         # Only a group member's deliveries carry tokens, so its subscriber exists.
-        token = delivery.token
-        self._acks[(delivery.topic, token[0])] = token
+        token = delivery[2]  # deliveries are read by index: Kafka queues plain tuples
+        self._acks[(delivery[0], token[0])] = token
 
     def _accept(self, delivery: Delivery) -> bool:
         # A message of a partition revoked or rewound since it was queued is not
         # handed out: the partition's new owner (or new position) delivers it again.
-        token = delivery.token
-        return self._generations.get((delivery.topic, token[0])) == token[2]
+        token = delivery[2]
+        return self._generations.get((delivery[0], token[0])) == token[2]
 
     def _close(self) -> None:
         try:

@@ -10,16 +10,14 @@ partition and then of the next while a publisher's seqs go round them.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .._core import Delivery
+from .runs import MAX_AHEAD, Runs
 from .stamps import SEQ_MAGIC, SEQ_STRUCT
 
 __all__ = ["MAX_AHEAD", "Batches"]
-
-#: Seqs a record may run ahead of the next expected one and still be held for order.
-MAX_AHEAD = 65536
 
 TP = tuple  # (topic, partition)
 
@@ -27,7 +25,7 @@ _unpack = SEQ_STRUCT.unpack
 _SIZE = SEQ_STRUCT.size
 
 
-class Batches:
+class Batches(Runs):
     """Mixed into :class:`~.order.Sequencer`: its state, its slow path (``_add``)."""
 
     # Set by the Sequencer (declared for readers and type checkers).
@@ -38,8 +36,10 @@ class Batches:
     path, which carries the headers (trace context) to their delivery."""
     emit: Callable[[Any, TP, int], None]
     append: Callable[[Any], None] | None
+    extend: Callable[[Any], None]
     states: dict[tuple[str, bytes], Any]
     pins: dict[TP, Any]
+    _unpinned: dict[TP, dict[int, int]]
     now: float
     held_count: int
     held_bytes: int
@@ -47,7 +47,6 @@ class Batches:
     max_bytes: int
     _add: Callable[..., None]
     _advance: Callable[[Any, int], None]
-    _pin: Callable[[TP, int], None]
     _shed: Callable[[], None]
     flush_batch: Callable[[], None]
 
@@ -60,20 +59,33 @@ class Batches:
         (revoked meanwhile) are skipped. Items are made here: ``(value, offset + 1)``
         with ``pin``, else a :class:`~.._core.Delivery`, handed to ``append``.
 
-        This is the drain's hot loop, hence written for speed: the stamp is one
-        ``struct`` unpack, the publisher's state is looked up once per run of
-        records of one publisher in one partition (Kafka hands out such runs),
-        and the two common cases (the next one in turn; one to hold while the
-        next one is awaited from another partition) are handled inline.
+        A broadcast subscriber takes whole partition runs at once where it can
+        (:mod:`.runs`); the rest goes through :meth:`_take_each`.
         """
         self.now = time.monotonic()
+        if self.bare and not self.trace and self.extend is not None:
+            self._take_runs(msgs, gens, other)
+        else:
+            self._take_each(msgs, gens, other)
+        self.flush_batch()
+
+    def _take_each(
+        self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]
+    ) -> None:
+        """:meth:`take` record by record (without ending the batch).
+
+        Written for speed too: the stamp is one ``struct`` unpack, the
+        publisher's state is looked up once per run of records of one publisher
+        in one partition (Kafka hands out such runs), and the two common cases
+        (the next one in turn; one to hold while the next one is awaited from
+        another partition) are handled inline.
+        """
         pin, emit, slow = self.pin, self.emit, self._add
         bare = self.bare
         trace = self.trace
         direct = self.append if bare else None
         states, max_count = self.states, self.max_count
         unpack, size, magic = _unpack, _SIZE, SEQ_MAGIC
-        new, delivery = tuple.__new__, Delivery
         last_part, last_pid, last_topic = -1, b"", ""
         key: TP = ("", -1)
         state: Any = None
@@ -94,22 +106,24 @@ class Batches:
                     last_part = -1
                     continue
                 state = states.get((topic, pid))
+                if state in self.pend:
+                    self._spill(state)  # held as whole runs: record by record from here
                 last_part, last_pid, last_topic = part, pid, topic
             data = m.value()
             if data is None:
                 data = b""
             offset = m.offset()
             if state is None or state.fresh or state.n != n or (state.base + seq) % n != part:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                item = (data, offset + 1) if pin else (topic, data, None, None)
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))  # made, or replaced
                 continue
             expected = state.next
             if seq == expected:
                 if direct is not None:
-                    direct(new(delivery, (topic, data, None, None)))
+                    direct((topic, data, None, None))
                 else:
-                    item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                    item = (data, offset + 1) if pin else (topic, data, None, None)
                     emit(item, key, offset)
                 seq += 1
                 if state.held or (state.base + seq) % n not in state.mask:
@@ -143,7 +157,36 @@ class Batches:
                 if (state.base + expected) % n == part:
                     self._advance(state, expected)  # a later one came in its partition
             else:
-                item = (data, offset + 1) if pin else new(delivery, (topic, data, None, None))
+                item = (data, offset + 1) if pin else (topic, data, None, None)
                 slow(item, key, offset, pid, seq, n, len(data))
                 state = states.get((topic, pid))
-        self.flush_batch()
+
+    def _pin(self, key: TP, offset: int) -> None:
+        pins = self.pins.get(key)
+        if pins is None:
+            pins = self.pins[key] = deque()
+        pins.append(offset)
+        if len(pins) > 1 and offset < pins[-2]:
+            self.pins[key] = deque(sorted(pins))  # a split frame starts before others
+
+    def _unpin(self, key: TP, offset: int) -> None:
+        pins = self.pins.get(key)
+        if pins is None:
+            return
+        if pins[0] != offset:
+            gone = self._unpinned.setdefault(key, {})
+            gone[offset] = gone.get(offset, 0) + 1
+            return
+        pins.popleft()
+        gone = self._unpinned.get(key)
+        while pins and gone and pins[0] in gone:
+            done = pins.popleft()
+            if gone[done] <= 1:
+                del gone[done]
+            else:
+                gone[done] -= 1
+        if gone is not None and not gone:
+            del self._unpinned[key]
+        if not pins:
+            del self.pins[key]
+            self._unpinned.pop(key, None)

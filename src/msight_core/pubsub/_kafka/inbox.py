@@ -7,7 +7,7 @@ through, in turn:
   frame goes on once whole);
 * the :class:`~.order.Sequencer` when its key is a sequence stamp (held back
   only while an earlier message of its publisher may still come);
-* the output deque, as a :class:`~.._core.Delivery`.
+* the output deque, as a :class:`~.._core.Delivery` (a plain tuple of its fields).
 
 A group member's delivery carries the token ``(partition, offset, generation)``
 where ``offset`` is what may be committed once the application processed it:
@@ -32,7 +32,6 @@ __all__ = ["Inbox"]
 
 TP = tuple  # (topic, partition)
 _MAGICS = (SEQ_MAGIC, FRAME_MAGIC)
-_new = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 class Inbox:
@@ -64,7 +63,13 @@ class Inbox:
         self.chunks = Reassembler(budget)
         emit = self._emit_token if grouped else self._emit
         self.order = Sequencer(
-            config.order_wait, budget, config.queue.max_messages, emit, grouped, out.append
+            config.order_wait,
+            budget,
+            config.queue.max_messages,
+            emit,
+            grouped,
+            out.append,
+            out.extend,
         )
         self._last_evict = 0.0
 
@@ -76,7 +81,6 @@ class Inbox:
             # Broadcast, nothing pending: plain unstamped records (raw producers,
             # ``ordered`` publishers) go straight out, as cheaply as possible.
             append, magics = self.out.append, _MAGICS
-            new, delivery = tuple.__new__, Delivery
             for index, m in enumerate(msgs):
                 stamp = m.key()
                 if (
@@ -87,7 +91,7 @@ class Inbox:
                 ):
                     self._handle(msgs[index:])
                     return
-                append(new(delivery, (m.topic(), m.value() or b"", None, None)))
+                append((m.topic(), m.value() or b"", None, None))  # a plain Delivery
             return
         self._handle(msgs)
 
@@ -141,7 +145,7 @@ class Inbox:
             safe = pins[0]
         gen = self.gens.get(key)
         if gen is not None:
-            self.out.append(_new(Delivery, (key[0], data, (key[1], safe, gen), headers)))
+            self.out.append((key[0], data, (key[1], safe, gen), headers))  # a plain Delivery
 
     # -- positions ------------------------------------------------------------------------
 

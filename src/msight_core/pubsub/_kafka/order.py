@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .._core import Delivery
 from .batches import MAX_AHEAD, Batches
 from .stamps import SEQ_STRUCT
 
@@ -90,7 +89,8 @@ class Sequencer(Batches):
         emit: called with ``(item, key, offset)`` for each message handed out, in order.
         pin: keep the offsets of held messages (group members, which commit).
         append: without ``pin``, where :meth:`take` puts the deliveries it makes
-            (``emit`` then gets those deliveries as items too).
+            (``emit`` then gets those deliveries as items too); ``extend``: the
+            same for many at once (whole runs are then taken at once, :mod:`.runs`).
 
     ``take()`` takes a fetched batch of Kafka records (``add()`` one stamped
     record, then ``flush_batch()`` ends the batch); ``expire()`` is called regularly. With ``pin``, ``pins`` maps each partition
@@ -106,9 +106,10 @@ class Sequencer(Batches):
         emit: Callable[[Any, TP, int], None],
         pin: bool = True,
         append: Callable[[Any], None] | None = None,
+        extend: Callable[[Any], None] | None = None,
     ) -> None:
         self.wait = wait
-        self.append = append
+        self.append, self.extend = append, extend  # type: ignore[assignment]
         # Without pins, a held entry is just the message's bytes, made a delivery
         # when handed out: most records of a drain are held a while, and bytes
         # are no work for Python's cyclic GC (a delivery, a tuple subclass, is).
@@ -128,6 +129,7 @@ class Sequencer(Batches):
         self._unpinned: dict[TP, dict[int, int]] = {}
         self._fresh: list[_State] = []  # states first seen in the current batch
         self._waiting: dict[int, _State] = {}  # id -> state holding something
+        self.pend: dict[_State, dict[int, list[Any]]] = {}  # held as whole runs (.runs)
         self.gaps = 0
         """Messages of a publisher never received: known missing, or waited for in vain."""
         self.late = 0
@@ -152,6 +154,7 @@ class Sequencer(Batches):
     def revoke(self, keys: Iterable[TP]) -> None:
         """Partitions no longer read here (or rewound): their held messages are
         dropped (their new owner, or the new position, delivers them again)."""
+        self._spill_all()
         by_topic: dict[str, set[int]] = {}
         for topic, part in keys:
             by_topic.setdefault(topic, set()).add(part)
@@ -204,6 +207,8 @@ class Sequencer(Batches):
     ) -> None:
         topic, part = key
         state = self.states.get((topic, pid))
+        if state in self.pend:
+            self._spill(state)
         if state is None or state.n != n or (state.base + seq) % n != part:
             if not 0 < n <= MAX_ROTATION or part >= n:
                 self._unordered(item, key, offset)
@@ -286,7 +291,7 @@ class Sequencer(Batches):
     def expire(self, now: float) -> float | None:
         """Give up predecessors waited for longer than ``wait``; return the next
         deadline (monotonic), ``None`` when nothing is held."""
-        deadline = None
+        deadline = self._expire_runs(now) if self.pend else None
         self.now = now
         for state in list(self._waiting.values()):
             if not state.held or state.next is None:
@@ -319,7 +324,11 @@ class Sequencer(Batches):
 
     def _forget_idle(self) -> None:
         now = self.now
-        idle = [k for k, s in self.states.items() if not s.held and now - s.last > self.wait]
+        idle = [
+            k
+            for k, s in self.states.items()
+            if not (s.held or s.waiting) and now - s.last > self.wait
+        ]
         for sid in idle or list(self.states)[: MAX_STATES // 4]:
             self._release_all(self.states.pop(sid))
 
@@ -328,6 +337,9 @@ class Sequencer(Batches):
         self.emit(item, key, offset)
 
     def _hold(self, state: _State, seq: int, item: Any, key: TP, offset: int, size: int) -> None:
+        if seq in state.held:  # the same seq again (re-sent) before its publisher's start
+            self.emit(item, key, offset)  # is known: passed on (held twice, counted once)
+            return
         part, top = key[1], state.top
         if seq > top.get(part, -1):
             top[part] = seq
@@ -348,40 +360,10 @@ class Sequencer(Batches):
         ):
             self._shed()
 
-    def _pin(self, key: TP, offset: int) -> None:
-        pins = self.pins.get(key)
-        if pins is None:
-            pins = self.pins[key] = deque()
-        pins.append(offset)
-        if len(pins) > 1 and offset < pins[-2]:
-            self.pins[key] = deque(sorted(pins))  # a split frame starts before others
-
-    def _unpin(self, key: TP, offset: int) -> None:
-        pins = self.pins.get(key)
-        if pins is None:
-            return
-        if pins[0] != offset:
-            gone = self._unpinned.setdefault(key, {})
-            gone[offset] = gone.get(offset, 0) + 1
-            return
-        pins.popleft()
-        gone = self._unpinned.get(key)
-        while pins and gone and pins[0] in gone:
-            done = pins.popleft()
-            if gone[done] <= 1:
-                del gone[done]
-            else:
-                gone[done] -= 1
-        if gone is not None and not gone:
-            del self._unpinned[key]
-        if not pins:
-            del self.pins[key]
-            self._unpinned.pop(key, None)
-
     def _entry(self, state: _State, seq: int, entry: Any) -> tuple[Any, TP, int, int]:
         """``(item, key, offset, size)`` of a held entry."""
         if self.bare:  # the bytes, or a whole Delivery when it carries headers
-            item = Delivery(state.topic, entry, None) if type(entry) is bytes else entry
+            item = (state.topic, entry, None, None) if type(entry) is bytes else entry
             return item, (state.topic, (state.base + seq) % state.n), -1, len(item[1])
         return entry  # type: ignore[no-any-return]
 
@@ -401,7 +383,7 @@ class Sequencer(Batches):
             state.next = seq
             return
         emit, pin, pop, append = self.emit, self.pin, held.pop, self.append
-        bare, topic, new = self.bare, state.topic, tuple.__new__
+        bare, topic = self.bare, state.topic
         released = released_bytes = 0
         while True:
             entry = pop(seq, None)
@@ -409,7 +391,7 @@ class Sequencer(Batches):
                 released += 1
                 if type(entry) is bytes:
                     released_bytes += len(entry)
-                    append(new(Delivery, (topic, entry, None, None)))
+                    append((topic, entry, None, None))  # a plain delivery
                 else:  # a Delivery with headers
                     released_bytes += len(entry[1])
                     append(entry)
@@ -483,12 +465,14 @@ class Sequencer(Batches):
             self.held_bytes > self.max_bytes or self.held_count > self.max_count
         ):
             oldest = min(self._waiting.values(), key=lambda s: s.since)
+            self._spill(oldest)
             if not oldest.held:
                 self._idle(oldest)
                 continue
             self._give_up(oldest)
 
     def _release_all(self, state: _State) -> None:
+        self._spill(state)
         for seq in sorted(state.held):
             self._take(state, seq)
         self._idle(state)

@@ -409,7 +409,7 @@ class Subscriber:
             self.acks.pop(key, None)
         if self._leftover and self.grouped:
             # In place: the inbox appends to this very deque.
-            kept = [d for d in self._leftover if (d.topic, d.token[0]) not in keys]
+            kept = [d for d in self._leftover if (d[0], d[2][0]) not in keys]  # topic, partition
             self._leftover.clear()
             self._leftover.extend(kept)
 
