@@ -183,7 +183,13 @@ def test_any_fetch_order_gives_what_the_per_record_path_gives(
             assert set(got) == {s for s in range(count) if s not in lost}
 
 
-def test_a_drain_in_partition_runs_is_taken_in_bulk_and_in_order() -> None:
+@pytest.mark.parametrize("tracing", [False, True])
+def test_a_drain_in_partition_runs_is_taken_in_bulk_and_in_order(
+    tracing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also with tracing on (a tracer provider set by anything in the process):
+    records without headers have no trace context to carry."""
+    monkeypatch.setattr("msight_core.pubsub._kafka.inbox.tracing_enabled", lambda: tracing)
     pid, n, count = b"P" * 8, 6, 6000
     rng = random.Random(3)
     msgs = _fetch_order(rng, [(pid, count, 4, set())], n, 1000)
@@ -304,3 +310,19 @@ def test_records_without_a_value_are_empty_messages_in_bulk_too() -> None:
     (bulk_out, bulk_counts), (each_out, each_counts) = _run_both(msgs, n, [1000])
     assert bulk_out == each_out and bulk_counts == each_counts
     assert [d for _, d in bulk_out][::5] == [b""] * 20
+
+
+def test_with_tracing_on_records_with_headers_keep_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run carrying trace context goes record by record, headers delivered."""
+    monkeypatch.setattr("msight_core.pubsub._kafka.inbox.tracing_enabled", lambda: True)
+    pid, n = b"H" * 8, 1
+    headers = [("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01")]
+    msgs = [
+        Message(topic=T, partition=0, offset=s, key=stamp(pid, s, n), value=_value(pid, s),
+                headers=headers)
+        for s in range(3 * MIN_RUN)
+    ]  # fmt: skip
+    inbox, out = _inbox(True, 1)
+    _feed(inbox, msgs, [MIN_RUN, 2 * MIN_RUN])  # a first batch makes the publisher's state
+    assert [int.from_bytes(d[1][8:16], "big") for d in out] == list(range(3 * MIN_RUN))
+    assert all(d[3] is not None for d in out)

@@ -63,7 +63,7 @@ class Batches(Runs):
         (:mod:`.runs`); the rest goes through :meth:`_take_each`.
         """
         self.now = time.monotonic()
-        if self.bare and not self.trace and self.extend is not None:
+        if self.bare and self.extend is not None:
             self._take_runs(msgs, gens, other)
         else:
             self._take_each(msgs, gens, other)

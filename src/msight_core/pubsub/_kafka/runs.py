@@ -43,6 +43,7 @@ _SIZE = SEQ_STRUCT.size  # magic 0-3, publisher id 4-11, seq 12-19, partitions 2
 # Every byte of a stamp but the seq's: the same in all records of one publisher's run.
 _FIXED = (*range(12), *range(20, _SIZE))
 _key, _part, _topic, _value = Message.key, Message.partition, Message.topic, Message.value
+_headers = Message.headers
 _seq_structs: dict[int, struct.Struct] = {}
 
 
@@ -62,6 +63,7 @@ class Runs:
     # Set by the Sequencer (declared for readers and type checkers).
     states: dict[tuple[str, bytes], Any]
     held_count: int
+    trace: bool
     held_bytes: int
     max_count: int
     max_bytes: int
@@ -78,7 +80,7 @@ class Runs:
     def _take_runs(
         self, msgs: list[Any], gens: dict[TP, int], other: Callable[[Any], None]
     ) -> None:
-        """A fetched batch (broadcast, no tracing), run by run of one partition."""
+        """A fetched batch (broadcast), run by run of one partition."""
         keys = list(map(_key, msgs))
         start = 0
         for part, group in groupby(map(_part, msgs)):
@@ -104,6 +106,8 @@ class Runs:
             if joined[i::_SIZE] != first[i : i + 1] * count:
                 return False
         run = msgs[start:end]
+        if self.trace and any(map(_headers, run)):
+            return False  # trace context to carry: the per-record path keeps headers
         topic = _topic(run[0])
         if list(map(_topic, run)).count(topic) != count:
             return False  # two topics interleaved
