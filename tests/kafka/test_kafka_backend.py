@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +38,6 @@ from msight_core.testing.conformance import collect
 MiB = 1024 * 1024
 TEST_ENV = {"MSIGHT_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000"}
 HERE = Path(__file__).parent
-
-
-@pytest.fixture
-def env(kafka_server: Any) -> dict[str, str]:
-    return {**kafka_server.env(), **TEST_ENV}
-
-
-@pytest.fixture
-def backends(env: dict[str, str]) -> Iterator[Callable[..., KafkaPubSub]]:
-    made: list[KafkaPubSub] = []
-
-    def make(group_id: str | None = None, **overrides: Any) -> KafkaPubSub:
-        backend = KafkaPubSub(get_kafka_config(group_id, env=env, **overrides))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def _group(topic: str) -> str:

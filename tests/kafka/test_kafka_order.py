@@ -8,7 +8,7 @@ import resource
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,26 +30,6 @@ from msight_core.pubsub.utils import get_kafka_config
 from msight_core.testing.conformance import collect
 
 MiB = 1024 * 1024
-TEST_ENV = {"MSIGHT_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000"}
-
-
-@pytest.fixture
-def env(kafka_server: Any) -> dict[str, str]:
-    return {**kafka_server.env(), **TEST_ENV}
-
-
-@pytest.fixture
-def backends(env: dict[str, str]) -> Iterator[Callable[..., KafkaPubSub]]:
-    made: list[KafkaPubSub] = []
-
-    def make(group_id: str | None = None, **overrides: Any) -> KafkaPubSub:
-        backend = KafkaPubSub(get_kafka_config(group_id, env=env, **overrides))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 def _raw_producer(address: str) -> Producer:

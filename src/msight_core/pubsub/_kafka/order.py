@@ -260,11 +260,7 @@ class Sequencer(Batches):
             self.held_count += 1
             self.held_bytes += size
             if self.pin:
-                pins = self.pins.get(key)
-                if pins is not None and pins[-1] < offset:
-                    pins.append(offset)
-                else:
-                    self._pin(key, offset)
+                self._pin(key, offset)
             if self.held_bytes > self.max_bytes:
                 self._shed()
             if (state.base + expected) % n == part:
