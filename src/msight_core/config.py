@@ -439,7 +439,9 @@ def _is_secret_property(key: str) -> bool:
     return any(word in lowered for word in _SECRET_WORDS)
 
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@/\s]*)@")
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,31}://)(?P<userinfo>[^@/\s]*)@"
+)  # bounded: linear
 
 
 def mask_url(text: str) -> str:
