@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,9 @@ from .base import Message, PubSubBackend
 __all__ = ["Delivery", "QueueBackend", "ReceiveQueue", "State", "check_payload"]
 
 logger = logging.getLogger("msight_core.pubsub")
+
+# Fetching on the listening thread (``_pull``): the longest wait per turn.
+_PULL_WAIT = 0.1
 
 
 class QueueBackend(PubSubBackend):
@@ -51,6 +55,10 @@ class QueueBackend(PubSubBackend):
         # Taken with receive(ack=False) and not yet acknowledged, in order.
         self._unacked: list[Delivery] = []
         self.delivered = 0
+        # Set by a backend whose reader may run on the listening thread: called
+        # each time listen() takes a batch, and with a wait (seconds) when
+        # nothing is queued: then it fetches here; False if it could not.
+        self._pull: Callable[[float], bool] | None = None
 
     # -- the seed contract --------------------------------------------------------
 
@@ -225,7 +233,10 @@ class QueueBackend(PubSubBackend):
         while True:
             if not local:
                 self._ack_flush()  # about to wait: nothing held back meanwhile
-                batch = self._queue.get_many(timeout, self._batch_limit)
+                if self._pull is None:
+                    batch = self._queue.get_many(timeout, self._batch_limit)
+                else:
+                    batch = self._pulled(timeout)
                 if batch is _CLOSED or not batch:
                     return None
                 local.extend(batch)
@@ -237,6 +248,24 @@ class QueueBackend(PubSubBackend):
         self._in_hand = item
         self.delivered += 1
         return item
+
+    def _pulled(self, timeout: float | None) -> Any:
+        """``get_many()``, fetching on this thread while nothing is queued (``_pull``)."""
+        get_many, limit, pull = self._queue.get_many, self._batch_limit, self._pull
+        assert pull is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = get_many(0, limit)
+            if batch:  # messages, or the queue is closed
+                pull(0)  # still here: the reader thread keeps standing aside
+                return batch
+            wait = _PULL_WAIT if deadline is None else min(_PULL_WAIT, deadline - time.monotonic())
+            if wait <= 0:
+                return batch
+            if not pull(wait):  # the reader thread has the turn: what it fetches comes here
+                batch = get_many(wait, limit)
+                if batch:
+                    return batch
 
     def _shutdown(self, commit_in_hand: bool) -> None:
         with self._state_lock:

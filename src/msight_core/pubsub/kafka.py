@@ -144,9 +144,7 @@ class KafkaPubSub(QueueBackend):
                 else:
                     raise
             if self._subscriber is None:
-                self._subscriber = Subscriber(self.config, self._queue)
-                self._acks = self._subscriber.acks
-                self._generations = self._subscriber.generations
+                self._start_subscriber()
             self._subscriber.subscribe(name, created)
         except MsightError:
             raise
@@ -156,14 +154,18 @@ class KafkaPubSub(QueueBackend):
     def _subscribe_pattern(self, pattern: str) -> None:
         try:
             if self._subscriber is None:
-                self._subscriber = Subscriber(self.config, self._queue)
-                self._acks = self._subscriber.acks
-                self._generations = self._subscriber.generations
+                self._start_subscriber()
             self._subscriber.subscribe_pattern(pattern)
         except MsightError:
             raise
         except Exception as exc:
             raise translate(exc, f"subscribing to {pattern!r}") from exc
+
+    def _start_subscriber(self) -> None:
+        self._subscriber = subscriber = Subscriber(self.config, self._queue)
+        self._acks = subscriber.acks
+        self._generations = subscriber.generations
+        self._pull = subscriber.pull  # listen() fetches on its own thread when it can
 
     def _publish(self, name: str, data: bytes) -> None:
         publisher = self._publisher

@@ -1,8 +1,9 @@
 """The Kafka receiving side: :class:`Subscriber`.
 
-One librdkafka consumer per backend, owned by one reader thread: every call on
-it (subscribe, assign, commit, seek, close) runs on that thread, so no
-confluent-kafka object is shared between threads. Other threads post commands.
+One librdkafka consumer per backend, used by one thread at a time (:mod:`.turns`):
+the reader thread, or the application's thread while it waits in ``listen()``
+with nothing queued (then the batch it fetches is handed out on the same
+thread). Other threads post commands, run by whichever thread has the turn.
 
 * With a ``group_id`` the consumer joins the group (partitions are shared).
   On assignment, partitions without a committed offset get a concrete start
@@ -17,7 +18,7 @@ confluent-kafka object is shared between threads. Other threads post commands.
 * Messages go to the :class:`~.._core.ReceiveQueue` only while it has room; when
   it is full the partitions are paused (backpressure, nothing dropped).
 * Offsets are committed only for messages the application acknowledged
-  (``Subscriber.acks``): every second, on revocation and on close.
+  (:mod:`.commits`): every second, on revocation and on close.
 * Records become deliveries in the :class:`~.inbox.Inbox`: split frames are
   reassembled, each publisher's order restored (:mod:`.order`); the committed
   offset never passes an unfinished frame or a message held for order.
@@ -41,11 +42,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from ...config import KafkaConfig
 from ...errors import BrokerUnavailableError, ConfigError, MsightError
 from .._core import Delivery, ReceiveQueue
+from .commits import Commits
 from .errors import TOPIC_MISSING, translate
 from .inbox import Inbox
 from .patterns import Patterns, kafka_regex
 from .positions import seek_targets, start_positions
 from .settings import METADATA_REFRESH_MS, consumer_conf, unique_group_id
+from .turns import Turns
 
 __all__ = ["Subscriber"]
 
@@ -97,23 +100,21 @@ class Subscriber:
         self._gen: dict[TP, int] = {}  # assigned partitions -> generation
         self._next_gen = 0
         self._assign_count = 0
-        self.acks: dict[TP, tuple[int, int, int]] = {}
-        """The token of the last processed delivery per partition: written by the
-        backend (any thread), turned into offsets to commit by the reader thread."""
+        self.commits = Commits(self.consumer, self._gen)
+        self.acks = self.commits.acks
+        """The token of the last processed delivery per partition (see :mod:`.commits`)."""
         self.generations = self._gen
         """Partition -> generation (read only outside): a delivery whose token
         carries another generation was revoked or rewound since it was queued."""
-        self._acked: dict[TP, int] = {}  # offsets to commit (reader thread only)
-        self._committed: dict[TP, int] = {}
         self._leftover: deque[Delivery] = deque()
         self.inbox = Inbox(config, self.grouped, self._gen, self._leftover, self._on_record_error)
         self._paused = False
         self._stop = False
-        self._last_commit = time.monotonic()
         self._last_pending_check = 0.0
         self._wake: float | None = None  # when the inbox wants a tick (monotonic)
         self._outage_logged = False
         self.rebalances = 0
+        self._turns = Turns()
         self._thread = threading.Thread(target=self._run, name="msight-kafka-reader", daemon=True)
         self._thread.start()
 
@@ -134,6 +135,7 @@ class Subscriber:
         future: Future[Any] = Future()
         with self._cond:
             self._cmds.append((fn, future))
+        self._turns.wake_reader()
         return future.result(timeout)
 
     def subscribe(self, name: str, created: bool) -> None:
@@ -223,34 +225,60 @@ class Subscriber:
     # -- reader thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        consumer = self.consumer
+        turns = self._turns
         try:
             while not self._stop:
-                self._run_commands()
-                if self._leftover:
-                    self.queue.offer(self._leftover)
-                if self._leftover:
-                    if not self._paused:
-                        self._pause(True)
-                    self._handle(consumer.consume(_BATCH, 0.05))
-                    continue
-                if self._paused:
-                    self._pause(False)
-                wait = 0.1
-                if self._wake is not None:
-                    wait = min(wait, max(0.0, self._wake - time.monotonic()))
-                msg = consumer.poll(wait)
-                if msg is not None:
-                    batch = [msg]
-                    batch.extend(consumer.consume(_BATCH - 1, 0))
-                    self._handle(batch)
-                    self.queue.offer(self._leftover)
-                self._housekeeping()
-        except Exception as exc:  # the thread must report, never die silently
-            logger.exception("Kafka reader failed")
-            self.queue.fail(translate(exc, "consuming"))
+                if not turns.stand_aside():
+                    with turns.lock:
+                        if not self._stop:
+                            self._step(0.1)
+        except Exception as exc:  # noqa: BLE001 - logged and raised by listen() (_failed)
+            self._failed(exc)
         finally:
-            self._shutdown()
+            with turns.lock:
+                self._shutdown()
+
+    def _failed(self, exc: Exception) -> None:
+        logger.exception("Kafka reader failed")
+        self.queue.fail(translate(exc, "consuming"))
+        self._stop = True
+
+    def pull(self, wait: float) -> bool:
+        """``listen()`` is here for more: the reader thread stands aside (see
+        :mod:`.turns`). With ``wait > 0``, fetch on the calling thread for up to
+        ``wait`` seconds; ``False`` if the reader thread holds the consumer or the
+        subscriber is stopping (wait on the queue instead)."""
+        return not self._stop and self._turns.pull(self._pulled_step, wait)
+
+    def _pulled_step(self, wait: float) -> None:
+        try:
+            if not self._stop:
+                self._step(wait)
+        except Exception as exc:  # noqa: BLE001 - as on the reader thread (_failed)
+            self._failed(exc)
+
+    def _step(self, wait: float) -> None:
+        """One turn at the consumer: commands, a fetch (at most ``wait`` s), housekeeping."""
+        consumer = self.consumer
+        self._run_commands()
+        if self._leftover:
+            self.queue.offer(self._leftover)
+        if self._leftover:
+            if not self._paused:
+                self._pause(True)
+            self._handle(consumer.consume(_BATCH, min(wait, 0.05)))
+            return
+        if self._paused:
+            self._pause(False)
+        if self._wake is not None:
+            wait = min(wait, max(0.0, self._wake - time.monotonic()))
+        msg = consumer.poll(wait)
+        if msg is not None:
+            batch = [msg]
+            batch.extend(consumer.consume(_BATCH - 1, 0))
+            self._handle(batch)
+            self.queue.offer(self._leftover)
+        self._housekeeping()
 
     def _run_commands(self) -> None:
         while self._cmds:
@@ -265,8 +293,8 @@ class Subscriber:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if self.grouped and now - self._last_commit >= _COMMIT_INTERVAL:
-            self._commit(asynchronous=True)
+        if self.grouped and now - self.commits.last >= _COMMIT_INTERVAL:
+            self.commits.commit(asynchronous=True)
         if self._pending and now - self._last_pending_check >= 1.0:
             self._last_pending_check = now
             for name in list(self._pending):
@@ -380,7 +408,7 @@ class Subscriber:
         self._took(parts)
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._commit(asynchronous=False, only={(p.topic, p.partition) for p in parts})
+        self.commits.commit(asynchronous=False, only={(p.topic, p.partition) for p in parts})
         self._drop(parts)
 
     def _reachable(self) -> bool:
@@ -403,10 +431,7 @@ class Subscriber:
                 self._gen.pop(key, None)
             self._cond.notify_all()
         self.inbox.revoke(keys)
-        for key in keys:
-            self._acked.pop(key, None)
-            self._committed.pop(key, None)
-            self.acks.pop(key, None)
+        self.commits.forget(keys)
         if self._leftover and self.grouped:
             # In place: the inbox appends to this very deque.
             kept = [d for d in self._leftover if (d[0], d[2][0]) not in keys]  # topic, partition
@@ -446,42 +471,15 @@ class Subscriber:
             (self.consumer.pause if pause else self.consumer.resume)(parts)
         self._paused = pause
 
-    # -- offsets ----------------------------------------------------------------------------
-
-    def _take_acks(self) -> None:
-        """Turn the acknowledged tokens into offsets to commit (a delivery of a
-        partition revoked or rewound since counts for nothing)."""
-        gens, acked, committed = self._gen, self._acked, self._committed
-        for key, (_, offset, gen) in self.acks.copy().items():  # one C call: atomic
-            if gens.get(key) == gen and offset > committed.get(key, -1):
-                acked[key] = committed[key] = offset
-
-    def _commit(self, asynchronous: bool, only: set[TP] | None = None) -> None:
-        self._last_commit = time.monotonic()
-        self._take_acks()
-        if only is None:
-            acked, self._acked = self._acked, {}
-        else:
-            acked = {k: self._acked.pop(k) for k in only if k in self._acked}
-        offsets = [TopicPartition(t, p, o) for (t, p), o in acked.items() if (t, p) in self._gen]
-        if not offsets:
-            return
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except (KafkaException, RuntimeError) as exc:
-            err = translate(exc, "committing offsets")
-            logger.warning("%s; the messages may be delivered again", err)
-
     def _shutdown(self) -> None:
         try:
-            self._take_acks()
-            if self.grouped and self._acked:
+            self.commits.take_acks()
+            if self.grouped and self.commits.acked:
                 if self._reachable():
-                    self._commit(asynchronous=False)
+                    self.commits.commit(asynchronous=False)
                 else:
                     # A commit would wait ~6 s for a coordinator that is not there.
-                    count = len(self._acked)
-                    self._acked.clear()
+                    count = self.commits.give_up()
                     logger.warning(
                         "Kafka broker unreachable on close: the offsets of %d partition(s) "
                         "were not committed; their processed messages will come again",
