@@ -262,9 +262,14 @@ class QueueBackend(PubSubBackend):
             wait = _PULL_WAIT if deadline is None else min(_PULL_WAIT, deadline - time.monotonic())
             if wait <= 0:
                 return batch
-            if not pull(wait):  # the reader thread has the turn: what it fetches comes here
+            if pull(wait):  # fetched here, or found the queue filled meanwhile
+                continue
+            # Not our turn (the reader thread is busy, or stopping): wait on the queue.
+            wait = _PULL_WAIT if deadline is None else min(_PULL_WAIT, deadline - time.monotonic())
+            if wait > 0:
                 batch = get_many(wait, limit)
                 if batch:
+                    pull(0)
                     return batch
 
     def _shutdown(self, commit_in_hand: bool) -> None:

@@ -246,13 +246,13 @@ class Subscriber:
     def pull(self, wait: float) -> bool:
         """``listen()`` is here for more: the reader thread stands aside (see
         :mod:`.turns`). With ``wait > 0``, fetch on the calling thread for up to
-        ``wait`` seconds; ``False`` if the reader thread holds the consumer or the
-        subscriber is stopping (wait on the queue instead)."""
+        ``wait`` seconds unless the reader queued something meanwhile; ``False``
+        if the consumer was not free or the subscriber is stopping."""
         return not self._stop and self._turns.pull(self._pulled_step, wait)
 
     def _pulled_step(self, wait: float) -> None:
         try:
-            if not self._stop:
+            if not self._stop and not len(self.queue):
                 self._step(wait)
         except Exception as exc:  # noqa: BLE001 - as on the reader thread (_failed)
             self._failed(exc)

@@ -33,15 +33,16 @@ class Turns:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._pulled = 0.0  # monotonic time the listener last asked for a turn
+        self._waiting = False  # the listener waits for the lock
         self._nudge = threading.Event()
 
     def stand_aside(self) -> bool:
         """Reader thread: ``True`` after waiting a while because the listener drives
-        (look again), ``False`` when it is the reader's turn."""
+        or wants to (look again), ``False`` when it is the reader's turn."""
         idle = time.monotonic() - self._pulled
-        if idle >= HANDOFF:
+        if idle >= HANDOFF and not self._waiting:
             return False
-        self._nudge.wait(HANDOFF - idle)
+        self._nudge.wait(max(0.001, HANDOFF - idle))
         self._nudge.clear()
         return True
 
@@ -53,14 +54,19 @@ class Turns:
 
     def pull(self, step: Callable[[float], None], wait: float) -> bool:
         """Listener: here for more; with ``wait > 0``, ``step(wait)`` on this thread
-        if the consumer is free.
+        once the reader thread has finished its current step (it then stands aside).
 
-        Returns ``False`` at once when the reader thread holds the consumer; it
-        stands aside after its current step (the caller waits on the queue
-        meanwhile, where that step's messages go).
+        Returns ``False`` if the consumer was not free within ``wait`` seconds.
         """
         self._pulled = time.monotonic()
-        if wait <= 0 or not self.lock.acquire(blocking=False):
+        if wait <= 0:
+            return False
+        self._waiting = True
+        try:
+            taken = self.lock.acquire(timeout=wait)
+        finally:
+            self._waiting = False
+        if not taken:
             return False
         try:
             step(wait)
