@@ -238,11 +238,19 @@ class NatsConfig(_MaskedRepr):
             _check_nats_server(server)
         for name in ("reconnect_wait", "large_frame_ttl", "stream_max_age", "ack_wait"):
             if not 0 < getattr(self, name) < float("inf"):
-                raise ConfigError(f"NATS {name} must be a positive number of seconds")
+                raise ConfigError(
+                    f"NATS {name} (MSIGHT_NATS_{name.upper()}) must be a positive number of seconds"
+                )
         if self.large_frame_store_bytes < MiB:
-            raise ConfigError("NATS large_frame_store_bytes must be at least 1 MiB")
+            raise ConfigError(
+                "NATS large_frame_store_bytes (MSIGHT_NATS_LARGE_FRAME_STORE_BYTES) "
+                "must be at least 1 MiB"
+            )
         if self.stream_max_bytes != 0 and self.stream_max_bytes < MiB:
-            raise ConfigError("NATS stream_max_bytes must be 0 (no bound) or at least 1 MiB")
+            raise ConfigError(
+                "NATS stream_max_bytes (MSIGHT_NATS_STREAM_MAX_BYTES) must be 0 (no bound) "
+                "or at least 1 MiB"
+            )
 
 
 @dataclass(frozen=True, repr=False)
