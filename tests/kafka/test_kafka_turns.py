@@ -48,6 +48,19 @@ def _publish_in_bursts(pub: KafkaPubSub, topic: str, count: int, burst: int) -> 
     return thread
 
 
+def _after_one_message(
+    backends: Callable[..., KafkaPubSub], topic: str
+) -> tuple[KafkaPubSub, KafkaPubSub]:
+    """A publisher and a subscriber of ``topic`` that has received one message."""
+    pub, sub = backends(), backends()
+    sub.subscribe(topic)
+    pub.publish(topic, b"0")
+    pub.flush(10)
+    first = sub.receive(timeout=15)
+    assert first is not None and first.data == b"0"
+    return pub, sub
+
+
 def test_a_live_stream_is_fetched_on_the_listening_thread(
     backends: Callable[..., KafkaPubSub],
 ) -> None:
@@ -73,12 +86,7 @@ def test_the_reader_thread_fetches_while_the_application_is_busy(
     backends: Callable[..., KafkaPubSub],
 ) -> None:
     topic = _topic()
-    pub, sub = backends(), backends()
-    sub.subscribe(topic)
-    pub.publish(topic, b"0")
-    pub.flush(10)
-    first = sub.receive(timeout=15)
-    assert first is not None and first.data == b"0"
+    pub, sub = _after_one_message(backends, topic)
     seen = _watch(sub)
     for i in range(1, 501):  # meanwhile the application is busy: no listen()
         pub.publish(topic, b"%d" % i)
@@ -96,11 +104,7 @@ def test_a_subscribe_from_the_listening_thread_is_served_after_it_had_the_turn(
     backends: Callable[..., KafkaPubSub],
 ) -> None:
     first, second = _topic(), _topic()
-    pub, sub = backends(), backends()
-    sub.subscribe(first)
-    pub.publish(first, b"a")
-    pub.flush(10)
-    assert sub.receive(timeout=15) is not None
+    pub, sub = _after_one_message(backends, first)
     assert sub.receive(timeout=0.2) is None  # listen()'s thread had the turn just now
     started = time.monotonic()
     sub.subscribe(second)  # run by the reader thread, which takes the turn back at once
@@ -115,11 +119,7 @@ def test_a_failure_while_listen_fetches_is_raised_and_stops_the_reader(
     backends: Callable[..., KafkaPubSub],
 ) -> None:
     topic = _topic()
-    pub, sub = backends(), backends()
-    sub.subscribe(topic)
-    pub.publish(topic, b"0")
-    pub.flush(10)
-    assert sub.receive(timeout=15) is not None
+    pub, sub = _after_one_message(backends, topic)
     subscriber = sub._subscriber
     assert subscriber is not None
     handle = subscriber._handle
