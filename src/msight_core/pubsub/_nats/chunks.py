@@ -79,6 +79,10 @@ MAX_SERVES = 16  # answers per kept frame (one per queue group reading the topic
 RETAIN_SECONDS = 5.0  # a publisher keeps a frame this long at most ...
 RETAIN_BYTES = 64 * 1024 * 1024  # ... and its frames up to this, or while asked for:
 ASKED_SECONDS = 10.0  # up to Retained.max_bytes until this long after the last request
+# ... and, requested or not, frames this young (up to Retained.max_bytes): the first
+# request of a queue-group member takes a round trip, during which a flat-out
+# burst can add more than RETAIN_BYTES (6 x 16 MB lost its first 2 frames so).
+GRACE_SECONDS = 0.25
 QUIET_SECONDS = 1.0  # a topic nobody reads gets notices only, this long
 MAX_PROBED = 1024  # topics a publisher keeps a probe subject for
 _CRLF = b"\r\n"
@@ -211,9 +215,10 @@ class Retained:
     Holds references to the published bytes (no copy): the last frame always,
     older ones while younger than :data:`RETAIN_SECONDS` and together under
     :data:`RETAIN_BYTES`, or under ``max_bytes`` while members ask for frames
-    (a request in the last :data:`ASKED_SECONDS`): a member that lags a burst
-    still finds its frames, and a publisher nobody asks holds little. Used on
-    the event loop only.
+    (a request in the last :data:`ASKED_SECONDS`) or while they are younger than
+    :data:`GRACE_SECONDS` (the first request is a round trip away): a member
+    that lags a burst still finds its frames, and a publisher nobody asks holds
+    little. Used on the event loop only.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -233,11 +238,16 @@ class Retained:
     def _trim(self) -> None:
         now = time.monotonic()
         cutoff = now - RETAIN_SECONDS
-        bound = self.max_bytes if now < self._asked_until else RETAIN_BYTES
+        young = now - GRACE_SECONDS
+        asked = now < self._asked_until
         frames = self._frames
         while len(frames) > 1:
             data, at, _, _ = next(iter(frames.values()))
-            if self._bytes <= bound and at >= cutoff:
+            if at >= cutoff and (
+                self._bytes <= RETAIN_BYTES
+                or self._bytes <= self.max_bytes
+                and (asked or at >= young)
+            ):
                 break
             frames.popitem(last=False)
             self._bytes -= len(data)
