@@ -35,6 +35,21 @@ def _watch(backend: KafkaPubSub) -> list[tuple[bool, int]]:
     return seen
 
 
+def _watch_queue(backend: KafkaPubSub) -> list[int]:
+    """Record how many deliveries the main thread put into the receive queue, per offer."""
+    queue = backend._queue
+    offer = queue.offer
+    sizes: list[int] = []
+
+    def watched(items: Any) -> None:
+        if items and threading.current_thread() is threading.main_thread():
+            sizes.append(len(items))
+        offer(items)
+
+    queue.offer = watched  # type: ignore[method-assign]
+    return sizes
+
+
 def _publish_in_bursts(pub: KafkaPubSub, topic: str, count: int, burst: int) -> threading.Thread:
     def run() -> None:
         for start in range(0, count, burst):
@@ -68,6 +83,7 @@ def test_a_live_stream_is_fetched_on_the_listening_thread(
     pub, sub = backends(), backends()
     sub.subscribe(topic)
     seen = _watch(sub)
+    queued_here = _watch_queue(sub)
     count = 4000
     thread = _publish_in_bursts(pub, topic, count, 200)
     got = []
@@ -80,6 +96,8 @@ def test_a_live_stream_is_fetched_on_the_listening_thread(
     here = sum(n for main, n in seen if main)
     # The reader thread may fetch until listen() first comes; after that it stands aside.
     assert here >= count // 2, seen
+    # What listen()'s thread fetched went straight to it, not through the queue.
+    assert queued_here == [], queued_here
 
 
 def test_the_reader_thread_fetches_while_the_application_is_busy(

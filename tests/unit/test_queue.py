@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -36,6 +37,27 @@ def test_byte_bound() -> None:
     queue = ReceiveQueue(QueueConfig(max_bytes=25))
     _fill(queue, 5, size=10)
     assert len(queue) == 2 and queue.nbytes == 20
+
+
+@pytest.mark.parametrize(
+    ("max_messages", "max_bytes", "sizes", "taken"),
+    [
+        (10, 100, [10] * 5, 5),  # all of it fits
+        (3, 100, [10] * 5, 3),  # the count bound
+        (10, 25, [10] * 5, 2),  # the byte bound
+        (10, 25, [40, 1, 1], 1),  # one delivery, even above the byte bound
+        (10, 100, [], 0),
+    ],
+)
+def test_fitting_takes_what_an_empty_queue_would_hold(
+    max_messages: int, max_bytes: int, sizes: list[int], taken: int
+) -> None:
+    queue = ReceiveQueue(QueueConfig(max_messages=max_messages, max_bytes=max_bytes))
+    items = deque(Delivery("t", b"x" * size) for size in sizes)
+    before = list(items)
+    got = queue.fitting(items)
+    assert got == before[:taken] and list(items) == before[taken:]  # order kept, nothing lost
+    assert len(queue) == 0 and queue.nbytes == 0  # nothing queued
 
 
 def test_block_waits_for_the_consumer() -> None:

@@ -57,8 +57,10 @@ class QueueBackend(PubSubBackend):
         self.delivered = 0
         # Set by a backend whose reader may run on the listening thread: called
         # each time listen() takes a batch, and with a wait (seconds) when
-        # nothing is queued: then it fetches here; False if it could not.
-        self._pull: Callable[[float], bool] | None = None
+        # nothing is queued: then it fetches here and returns what it fetched
+        # (handed out without passing through the queue; may be empty), or
+        # None if it could not.
+        self._pull: Callable[[float], list[Delivery] | None] | None = None
 
     # -- the seed contract --------------------------------------------------------
 
@@ -262,7 +264,10 @@ class QueueBackend(PubSubBackend):
             wait = _PULL_WAIT if deadline is None else min(_PULL_WAIT, deadline - time.monotonic())
             if wait <= 0:
                 return batch
-            if pull(wait):  # fetched here, or found the queue filled meanwhile
+            fetched = pull(wait)
+            if fetched:  # fetched here: straight to listen(), no queue in between
+                return fetched
+            if fetched is not None:  # fetched nothing, or the queue filled meanwhile
                 continue
             # Not our turn (the reader thread is busy, or stopping): wait on the queue.
             wait = _PULL_WAIT if deadline is None else min(_PULL_WAIT, deadline - time.monotonic())

@@ -164,6 +164,28 @@ class ReceiveQueue:
             if queued:
                 self._cond.notify()
 
+    def fitting(self, items: deque[Delivery]) -> list[Delivery]:
+        """Take from the front of ``items`` what this queue would hold if it were
+        empty (at least one delivery), without queueing it: for a consumer that
+        fetched them on its own thread and hands them out at once."""
+        cfg = self.config
+        if (
+            len(items) <= cfg.max_messages
+            and sum(map(len, map(_data, items))) <= cfg.max_bytes  # C speed
+        ):
+            taken = list(items)
+            items.clear()
+            return taken
+        taken = []
+        nbytes = 0
+        while items and len(taken) < cfg.max_messages:
+            size = len(items[0][1])
+            if taken and nbytes + size > cfg.max_bytes:
+                break
+            taken.append(items.popleft())
+            nbytes += size
+        return taken
+
     def fail(self, exc: BaseException) -> None:
         """Make ``get()`` raise ``exc`` once the queued messages are consumed."""
         with self._cond:

@@ -73,8 +73,21 @@ class Commits:
             self.committed.pop(key, None)
             self.acks.pop(key, None)
 
-    def give_up(self) -> int:
-        """Drop what was to be committed (the broker is gone); how many partitions."""
-        count = len(self.acked)
-        self.acked.clear()
-        return count
+    def final(self, topic: str | None, timeout: float) -> None:
+        """On close: commit what was processed, unless no broker answers a metadata
+        request (about ``topic``) within ``timeout`` s: a commit would then wait
+        ~6 s for a coordinator that is not there."""
+        self.take_acks()
+        if not self.acked:
+            return
+        try:
+            self.consumer.list_topics(topic, timeout=timeout)
+        except (KafkaException, RuntimeError):
+            logger.warning(
+                "Kafka broker unreachable on close: the offsets of %d partition(s) "
+                "were not committed; their processed messages will come again",
+                len(self.acked),
+            )
+            self.acked.clear()
+            return
+        self.commit(asynchronous=False)

@@ -149,26 +149,10 @@ class Subscriber:
         if not self.grouped:
             self.call(lambda: self._assign_all(name), self._timeout * 3 + 5)
             return
-        session = float(self.consumer_setting("session.timeout.ms", 45000)) / 1000
-        bound = 3 * session + self._timeout
         before = self.call(lambda: self._subscribe_group(name), self._timeout + 5)
-        deadline = time.monotonic() + bound
-        settled_at: float | None = None
-        with self._cond:
-            while not any(key[0] == name for key in self._gen):
-                now = time.monotonic()
-                if settled_at is None and self._assign_count > before:
-                    settled_at = now
-                if settled_at is not None and now - settled_at > session:
-                    # A rebalance completed without giving us any of this topic and
-                    # none followed: the other members own all of its partitions.
-                    return
-                if now >= deadline:
-                    raise BrokerUnavailableError(
-                        f"Kafka: no partition assignment for topic {name!r} in group "
-                        f"{self.config.group_id!r} within {bound:g}s"
-                    )
-                self._cond.wait(min(deadline - now, 0.2))
+        self._await_assignment(
+            f"topic {name!r}", lambda: any(key[0] == name for key in self._gen), before
+        )
 
     def subscribe_pattern(self, pattern: str) -> None:
         """Follow every topic ``pattern`` matches, now and later.
@@ -182,16 +166,34 @@ class Subscriber:
         if not self.grouped:
             self.call(lambda: self._watch(pattern), self._timeout * 3 + 5)
             return
+        before, matched = self.call(lambda: self._watch_group(pattern), self._timeout + 5)
+        if matched:
+            self._await_assignment(f"pattern {pattern!r}", lambda: self._assign_count > before)
+
+    def _await_assignment(
+        self, what: str, done: Callable[[], bool], before: int | None = None
+    ) -> None:
+        """Group member: wait until ``done()``. With ``before`` (the assignment count
+        before subscribing), also return once a rebalance since left ``done()``
+        false for a session timeout: the other members own all of it.
+
+        Raises:
+            BrokerUnavailableError: neither within the bound.
+        """
         session = float(self.consumer_setting("session.timeout.ms", 45000)) / 1000
         bound = 3 * session + self._timeout
-        before, matched = self.call(lambda: self._watch_group(pattern), self._timeout + 5)
         deadline = time.monotonic() + bound
+        settled_at: float | None = None
         with self._cond:
-            while matched and self._assign_count <= before:
+            while not done():
                 now = time.monotonic()
+                if before is not None and settled_at is None and self._assign_count > before:
+                    settled_at = now
+                if settled_at is not None and now - settled_at > session:
+                    return
                 if now >= deadline:
                     raise BrokerUnavailableError(
-                        f"Kafka: no partition assignment for pattern {pattern!r} in group "
+                        f"Kafka: no partition assignment for {what} in group "
                         f"{self.config.group_id!r} within {bound:g}s"
                     )
                 self._cond.wait(min(deadline - now, 0.2))
@@ -243,22 +245,29 @@ class Subscriber:
         self.queue.fail(translate(exc, "consuming"))
         self._stop = True
 
-    def pull(self, wait: float) -> bool:
+    def pull(self, wait: float) -> list[Delivery] | None:
         """``listen()`` is here for more: the reader thread stands aside (see
         :mod:`.turns`). With ``wait > 0``, fetch on the calling thread for up to
-        ``wait`` seconds unless the reader queued something meanwhile; ``False``
-        if the consumer was not free or the subscriber is stopping."""
-        return not self._stop and self._turns.pull(self._pulled_step, wait)
+        ``wait`` seconds unless the reader queued something meanwhile, and return
+        the deliveries fetched (for ``listen()`` to hand out; none: ``[]``);
+        ``None`` if the consumer was not free or the subscriber is stopping."""
+        if self._stop:
+            return None
+        return self._turns.pull(self._pulled_step, wait)  # type: ignore[no-any-return]
 
-    def _pulled_step(self, wait: float) -> None:
+    def _pulled_step(self, wait: float) -> list[Delivery]:
         try:
             if not self._stop and not len(self.queue):
-                self._step(wait)
+                return self._step(wait, direct=True)
         except Exception as exc:  # noqa: BLE001 - as on the reader thread (_failed)
             self._failed(exc)
+        return []
 
-    def _step(self, wait: float) -> None:
-        """One turn at the consumer: commands, a fetch (at most ``wait`` s), housekeeping."""
+    def _step(self, wait: float, direct: bool = False) -> list[Delivery]:
+        """One turn at the consumer: commands, a fetch (at most ``wait`` s), housekeeping.
+        ``direct`` (the listening thread): a batch nothing queued is ahead of is
+        returned, not queued, as far as the queue's bounds allow (the queue cost
+        a 1 KB drain about a tenth)."""
         consumer = self.consumer
         self._run_commands()
         if self._leftover:
@@ -267,18 +276,23 @@ class Subscriber:
             if not self._paused:
                 self._pause(True)
             self._handle(consumer.consume(_BATCH, min(wait, 0.05)))
-            return
+            return []
         if self._paused:
             self._pause(False)
         if self._wake is not None:
             wait = min(wait, max(0.0, self._wake - time.monotonic()))
+        taken: list[Delivery] = []
         msg = consumer.poll(wait)
         if msg is not None:
             batch = [msg]
             batch.extend(consumer.consume(_BATCH - 1, 0))
             self._handle(batch)
-            self.queue.offer(self._leftover)
+            if direct and not len(self.queue):
+                taken = self.queue.fitting(self._leftover)  # within the queue's bounds
+            if self._leftover:
+                self.queue.offer(self._leftover)
         self._housekeeping()
+        return taken
 
     def _run_commands(self) -> None:
         while self._cmds:
@@ -411,16 +425,6 @@ class Subscriber:
         self.commits.commit(asynchronous=False, only={(p.topic, p.partition) for p in parts})
         self._drop(parts)
 
-    def _reachable(self) -> bool:
-        """True if a broker answers a metadata request within a second."""
-        # A named topic (not a regex: that would be looked up, or created, by name).
-        topic = next((t for t in self._topics if not t.startswith("^")), None)
-        try:
-            self.consumer.list_topics(topic, timeout=min(1.0, self._timeout))
-        except (KafkaException, RuntimeError):
-            return False
-        return True
-
     def _on_lost(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._drop(parts)
 
@@ -473,18 +477,10 @@ class Subscriber:
 
     def _shutdown(self) -> None:
         try:
-            self.commits.take_acks()
-            if self.grouped and self.commits.acked:
-                if self._reachable():
-                    self.commits.commit(asynchronous=False)
-                else:
-                    # A commit would wait ~6 s for a coordinator that is not there.
-                    count = self.commits.give_up()
-                    logger.warning(
-                        "Kafka broker unreachable on close: the offsets of %d partition(s) "
-                        "were not committed; their processed messages will come again",
-                        count,
-                    )
+            if self.grouped:
+                # A named topic to ask about (a regex would be looked up, or created, by name).
+                topic = next((t for t in self._topics if not t.startswith("^")), None)
+                self.commits.final(topic, min(1.0, self._timeout))
         finally:
             try:
                 self.consumer.close()

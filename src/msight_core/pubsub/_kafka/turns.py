@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["HANDOFF", "Turns"]
 
@@ -52,24 +53,24 @@ class Turns:
         self._pulled = 0.0
         self._nudge.set()
 
-    def pull(self, step: Callable[[float], None], wait: float) -> bool:
+    def pull(self, step: Callable[[float], Any], wait: float) -> Any:
         """Listener: here for more; with ``wait > 0``, ``step(wait)`` on this thread
         once the reader thread has finished its current step (it then stands aside).
 
-        Returns ``False`` if the consumer was not free within ``wait`` seconds.
+        Returns what ``step`` returned, or ``None`` if the consumer was not free
+        within ``wait`` seconds.
         """
         self._pulled = time.monotonic()
         if wait <= 0:
-            return False
+            return None
         self._waiting = True
         try:
             taken = self.lock.acquire(timeout=wait)
         finally:
             self._waiting = False
         if not taken:
-            return False
+            return None
         try:
-            step(wait)
+            return step(wait)
         finally:
             self.lock.release()
-        return True
