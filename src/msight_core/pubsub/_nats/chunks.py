@@ -245,8 +245,7 @@ class Retained:
             data, at, _, _ = next(iter(frames.values()))
             if at >= cutoff and (
                 self._bytes <= RETAIN_BYTES
-                or self._bytes <= self.max_bytes
-                and (asked or at >= young)
+                or (self._bytes <= self.max_bytes and (asked or at >= young))
             ):
                 break
             frames.popitem(last=False)
