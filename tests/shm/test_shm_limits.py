@@ -91,6 +91,26 @@ def test_a_slow_view_subscriber_never_blocks_the_publisher(
     assert sub.stats()["dropped"] == {"cam.slow": 40 - depth}
 
 
+def test_a_slow_group_member_counts_every_frame_overwritten(
+    make: Callable[..., ShmPubSub],
+) -> None:
+    """A member's service is its own: frames overwritten before it first took one
+    were sent to it, and are counted (a broadcast subscriber cannot tell those
+    from frames sent before it joined)."""
+    member, pub = make(group_id="g"), make()
+    member.subscribe("cam.member")
+    assert member.receive_view(0.01) is None  # views: samples wait in shared memory
+    for i in range(10):
+        pub.publish("cam.member", bytes([i]) * 300_000)
+    got = []
+    while (view := member.receive_view(0.5)) is not None:
+        with view:
+            got.append(view.data[0])
+    depth = member.config.buffer_depth
+    assert got == list(range(10 - depth, 10)), "the newest frames win"
+    assert member.stats()["dropped"] == {"cam.member": 10 - depth}
+
+
 def test_a_slow_application_loses_the_oldest_from_its_queue(
     config: ShmConfig, make: Callable[..., ShmPubSub]
 ) -> None:

@@ -177,7 +177,7 @@ class Reader:
             batch: deque[Delivery] = deque()
             for sub, sample in items:
                 try:
-                    batch.extend(decode(sub.topic, sample))
+                    batch.extend(decode(sub.topic, sample, sub.grouped))
                 except Exception as exc:  # noqa: BLE001 - a bad sample costs only itself
                     decoder.failed(sub.topic, exc)
             if batch:
@@ -255,7 +255,7 @@ class Puller:
 
     def _view(self, sub: Subscriber, sample: Any) -> ShmView | None:
         decoder = self._decoder
-        found = decoder.header(sub.topic, sample)
+        found = decoder.header(sub.topic, sample, sub.grouped)
         if found is None:
             sample.delete()
             return None

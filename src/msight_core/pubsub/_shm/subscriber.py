@@ -50,6 +50,8 @@ class Subscriber:
     ) -> None:
         self.topic = topic
         self.runtime = runtime
+        # A member's service is its own: every sample on it was sent after it joined.
+        self.grouped = group_id is not None
         base = base_name(config.domain, topic)
         if group_id is None:
             self.name, ports = base, config.max_subscribers
@@ -134,8 +136,11 @@ class Decoder:
     """Reads samples: header checks, copies for ``listen()``, loss counts.
 
     Losses are counted from the second sample of each publisher on: what a
-    publisher sent before this subscriber first heard from it is not counted.
-    One consuming thread at a time; ``stats()`` reads the counts from any.
+    publisher sent before this subscriber first heard from it is not counted
+    (it may have started long before). A group member counts from the first
+    message (``from_start``): its service is its own, so everything sent on
+    it was sent to it. One consuming thread at a time; ``stats()`` reads the
+    counts from any.
     """
 
     def __init__(self) -> None:
@@ -145,7 +150,9 @@ class Decoder:
         self._last_log = 0.0
         self._unlogged = 0
 
-    def header(self, topic: str, sample: Any) -> tuple[frames.Header, int, int] | None:
+    def header(
+        self, topic: str, sample: Any, from_start: bool = False
+    ) -> tuple[frames.Header, int, int] | None:
         """``(header, address, size)`` of a valid sample; ``None`` (counted) if invalid."""
         address = sample.payload_ptr
         size = sample.header.number_of_elements
@@ -154,12 +161,12 @@ class Decoder:
         except frames.FrameError as exc:
             self._invalid(topic, str(exc))
             return None
-        self._track(topic, head)
+        self._track(topic, head, from_start)
         return head, address, size
 
-    def _track(self, topic: str, head: frames.Header) -> None:
+    def _track(self, topic: str, head: frames.Header, from_start: bool) -> None:
         count = head.messages
-        expected = self._expected.get(head.source)
+        expected = self._expected.get(head.source, 0 if from_start else None)
         if expected is not None and head.first > expected:
             # The publisher overwrote samples we had not taken: we fell behind.
             gap = min(head.first - expected, 1 << 32)
@@ -194,10 +201,10 @@ class Decoder:
             self._last_log = now
             logger.warning("shm sample on %r dropped: %s (%d so far)", topic, why, self.invalid)
 
-    def messages(self, topic: str, sample: Any) -> list[Delivery]:
+    def messages(self, topic: str, sample: Any, from_start: bool = False) -> list[Delivery]:
         """Copy the messages of ``sample`` out and release it."""
         try:
-            found = self.header(topic, sample)
+            found = self.header(topic, sample, from_start)
             if found is None:
                 return []
             head, address, size = found
