@@ -156,3 +156,32 @@ def test_a_failure_while_listen_fetches_is_raised_and_stops_the_reader(
     subscriber._thread.join(10)
     assert not subscriber._thread.is_alive()  # stopped; the consumer was closed
     thread.join(60)
+
+
+def test_a_close_while_listen_fetches_hands_out_nothing_more(
+    backends: Callable[..., KafkaPubSub],
+) -> None:
+    topic = _topic()
+    pub, sub = _after_one_message(backends, topic)
+    subscriber = sub._subscriber
+    assert subscriber is not None
+    handle = subscriber._handle
+    closer: list[threading.Thread] = []
+
+    def closing(msgs: list[Any]) -> None:
+        handle(msgs)
+        if threading.current_thread() is threading.main_thread() and not closer:
+            # Another thread closes the backend while listen()'s thread holds this batch.
+            closer.append(threading.Thread(target=sub.close, daemon=True))
+            closer[0].start()
+            deadline = time.monotonic() + 5
+            while not sub.closed and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    subscriber._handle = closing  # type: ignore[method-assign]
+    thread = _publish_in_bursts(pub, topic, 2000, 50)
+    got = list(sub.listen())  # ends at close(), without the batch fetched meanwhile
+    assert closer and sub.closed
+    assert got == [], got[:3]
+    closer[0].join(15)
+    thread.join(60)

@@ -266,7 +266,7 @@ class QueueBackend(PubSubBackend):
                 return batch
             fetched = pull(wait)
             if fetched:  # fetched here: straight to listen(), no queue in between
-                return fetched
+                return fetched if self._state is State.OPEN else _CLOSED  # close() meanwhile
             if fetched is not None:  # fetched nothing, or the queue filled meanwhile
                 continue
             # Not our turn (the reader thread is busy, or stopping): wait on the queue.
