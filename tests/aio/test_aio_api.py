@@ -376,10 +376,16 @@ def test_cancelling_consumers_of_a_fast_stream_loses_nothing(
         async with AsyncMemoryPubSub(broker=broker) as sub:
             await sub.subscribe("a.b")
             pub = MemoryPubSub(broker=broker)
-            sender = threading.Thread(
-                target=lambda: [pub.publish("a.b", b"%d" % i) for i in range(total)],
-                daemon=True,
-            )
+
+            def send() -> None:
+                for i in range(total):
+                    pub.publish("a.b", b"%d" % i)
+                    if i % 100 == 99:
+                        # A stream, not one backlog: the consumer catches up and waits
+                        # (wake-ups) even when this thread gets the CPU first.
+                        time.sleep(0.0005)
+
+            sender = threading.Thread(target=send, daemon=True)
             got: list[bytes] = []
 
             async def by_listen() -> None:
