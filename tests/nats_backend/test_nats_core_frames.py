@@ -12,6 +12,7 @@ costs itself only: counted, bounded in memory and time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -23,7 +24,9 @@ import nats
 import pytest
 
 from msight_core.pubsub import NATSPubSub
+from msight_core.pubsub._nats import flow
 from msight_core.pubsub._nats.chunks import HEAD, MAX_SERVES
+from msight_core.pubsub._nats.flow import confirmation, parse_confirmation
 from msight_core.pubsub.utils import get_nats_config
 from msight_core.testing.brokers import NatsServer
 from msight_core.testing.conformance import collect
@@ -537,3 +540,89 @@ def test_the_security_guides_permissions_carry_large_frames(tmp_path: Any) -> No
         finally:
             for backend in (pub, sub, *members):
                 backend.close()
+
+
+def test_broadcast_subscribers_confirm_each_frame_to_its_publisher(
+    make: Any, nats_server: NatsServer, unique_topic: str
+) -> None:
+    """Each broadcast subscriber confirms every frame it read whole, with its own
+    id, to the publisher's request subject (the publisher paces on them); a
+    queue-group member, which asks for its frames, does not."""
+    subs = [make(), make()]
+    member = make(group_id="g")
+    for backend in (*subs, member):
+        backend.subscribe(unique_topic)
+    pub = make()
+    token = next(iter(_publisher_tokens(nats_server.url, unique_topic, pub)))
+    assert all(len(collect(sub, 1, 30)) == 1 for sub in subs)
+    assert len(_drain([member], 1, 30)[0]) == 1
+    frames = [frame(2 * MiB + i, 40 + i) for i in range(5)]
+
+    async def watch(nc: Any) -> list[bytes]:
+        seen = await nc.subscribe(f"_msight.frames.{token}")
+        await nc.flush()
+        await asyncio.to_thread(_send_paced, pub, unique_topic, frames)
+        got: list[bytes] = []
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                msg = await seen.next_msg(timeout=2)
+                if not msg.reply:  # a member's request has a reply subject
+                    got.append(msg.data)
+        return got
+
+    confirmations = [parse_confirmation(data) for data in _raw(nats_server.url, watch)]
+    assert None not in confirmations
+    by_peer: dict[bytes, list[int]] = {}
+    for peer, seq in confirmations:  # type: ignore[misc]
+        by_peer.setdefault(peer, []).append(seq)
+    assert len(by_peer) == 2  # the two broadcast subscribers, not the member
+    for seqs in by_peer.values():
+        assert seqs == sorted(seqs) and len(seqs) >= 1 and seqs[-1] == seqs[0] + len(frames) - 1
+    for sub in subs:
+        assert [m.data for m in collect(sub, len(frames), 30)] == frames
+    assert len(_drain([member], len(frames), 30)[0]) == len(frames)
+
+
+def test_a_subscriber_that_confirms_slowly_holds_its_publisher_a_bounded_time(
+    make: Any, nats_server: NatsServer, unique_topic: str
+) -> None:
+    """A raw client confirms one frame every 0.2 s (a reader that cannot keep up,
+    or one that slows the publisher on purpose), and sends forged confirmations
+    besides: the flat-out publisher waits for it BUDGET seconds at most, sets it
+    aside, and a real subscriber still gets every frame, in order."""
+    sub = make()
+    sub.subscribe(unique_topic)
+    pub = make()
+    token = next(iter(_publisher_tokens(nats_server.url, unique_topic, pub)))
+    assert len(collect(sub, 1, 30)) == 1
+    frames = [frame(4 * MiB, 60 + i) for i in range(40)]
+    done = threading.Event()
+
+    async def drip(nc: Any) -> None:
+        subject = f"_msight.frames.{token}"
+        for forged in (b"+zz 1", b"+0001020304050607 999999", b"x" * 4096):
+            await nc.publish(subject, forged)
+        seq = 1  # the frame _publisher_tokens made it send
+        sender = asyncio.ensure_future(
+            asyncio.to_thread(
+                lambda: ([pub.publish(unique_topic, f) for f in frames], pub.flush(60))
+            )
+        )
+        while not sender.done():
+            seq += 1
+            await nc.publish(subject, confirmation(b"slowpeer", seq))
+            await nc.publish(subject, confirmation(b"slowpeer", seq - 1))  # a replay
+            await asyncio.sleep(0.2)
+        await sender
+        done.set()
+
+    started = time.monotonic()
+    _raw(nats_server.url, drip)
+    elapsed = time.monotonic() - started
+    assert done.is_set()
+    assert [m.data for m in collect(sub, len(frames), 60)] == frames
+    stats = pub.stats()
+    assert stats["large_frame_readers_set_aside"] == 1
+    assert stats["large_frames_pace_seconds"] <= flow.BUDGET + 0.5
+    assert elapsed < 8  # waiting for every drip: (40 - 8) x 0.2 s more
+    assert sub.stats()["large_frames_lost"] == 0

@@ -14,6 +14,7 @@ names and signatures change without notice.
 * :mod:`.commands` -- the protocol commands the publisher formats (no I/O).
 * :mod:`.frames` -- the large-frame protocol (payloads above ``max_payload``).
 * :mod:`.chunks` -- large frames over core NATS: chunks, reassembly, requests.
+* :mod:`.flow` -- their flow control, paced by the subscribers' confirmations.
 * :mod:`.streams` -- JetStream stream and consumer helpers.
 * :mod:`.parser` -- the fast NATS protocol parser, checking what the server sends.
 * :mod:`.receiver` -- the parser's direct socket read (an asyncio buffered protocol).
@@ -24,8 +25,8 @@ names and signatures change without notice.
 * :mod:`.native` -- :class:`~.native.LoopClient`: the roles on the caller's own
   loop, for the asyncio backend (exposed as ``pubsub.nats.NATSLoopClient``).
 
-Imports go one way: ``internals``, ``chunks``, ``listeners``, ``receiver``, ``routes``
-and ``streams`` import nothing from here (``frames`` only ``chunks``, ``commands``
+Imports go one way: ``internals``, ``chunks``, ``flow``, ``listeners``, ``receiver``,
+``routes`` and ``streams`` import nothing from here (``frames`` only ``chunks`` and ``flow``, ``commands``
 only ``frames``, ``parser`` only ``receiver`` and ``routes``, ``emit`` only
 ``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.

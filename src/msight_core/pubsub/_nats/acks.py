@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import MsightError, PermissionDeniedError, PublishError
 from . import internals
-from .chunks import CHUNK_PREFIX
+from .chunks import CHUNK_PREFIX, FETCH_PREFIX
 from .commands import Commands, Tracked
 from .frames import LargeFrames
 
@@ -63,6 +63,7 @@ class Receipts:
     _large: LargeFrames
     _prefixes: dict[str, bytes]
     refusals = 0  # publishes the server's permissions refused
+    _refused_control = 0  # frame requests and confirmations the server refused
     # The publisher's own: wake() (run the writer) and _signal() (room was made).
 
     def requeue_unacked(self, older_than: float | None = None) -> int:
@@ -182,6 +183,18 @@ class Receipts:
         quoted = text.split('"')
         subject = quoted[1] if len(quoted) > 2 else "?"
         # nats-py lowercases the server's text: find the topic as it was written.
+        if subject.startswith(FETCH_PREFIX):  # a frame request or confirmation, not a message
+            self._refused_control += 1
+            if self._refused_control == 1:
+                logger.warning(
+                    "NATS refused a large-frame request or confirmation to %r: allow the "
+                    "user to publish to %s> (see docs/guides/security.md); without it "
+                    "queue-group members get no large frames and publishers of large "
+                    "frames cannot pace on this subscriber",
+                    subject,
+                    FETCH_PREFIX,
+                )
+            return
         base = subject.removeprefix(CHUNK_PREFIX)
         topic = next((t for t in list(self._prefixes) if t.lower() == base), base)
         what = f"the large-frame chunks of {topic!r}" if base != subject else repr(topic)

@@ -45,6 +45,7 @@ import re
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -302,6 +303,8 @@ class Assembler:
         self._done: OrderedDict[tuple[bytes, str, int], tuple[bytes, float]] = OrderedDict()
         self.held = 0
         self.lost = 0
+        self.completed: Callable[[bytes, int], None] | None = None
+        """Told ``(publisher token, seq)`` of each frame read whole."""
 
     def _drop(self, what: str, topic: str) -> None:
         self.lost += 1
@@ -369,6 +372,8 @@ class Assembler:
             whole = b"".join(building.parts)
             building.parts = []
             self._done[(token, topic, seq)] = (whole, now)
+            if self.completed is not None:
+                self.completed(token, seq)
         return None
 
     def claim(self, token: bytes, topic: str, seq: int) -> bytes | None:

@@ -14,6 +14,11 @@ subscriber's pending output is above 3/4 of ``max_pending``, so a slow round
 trip means a subscriber is falling behind (or the machine is too busy for it to
 keep up). On an idle machine a 4 MiB round trip takes 1-3 ms: the flat-out rate
 is kept.
+
+That second wait is a guess: a PONG tells how far the server has read, not how
+far the subscriber has. Frames whose subscribers confirm them (:mod:`.flow`,
+``Wire.peer_paced``) skip it: the publisher waits for those confirmations
+instead, before each frame, and only the round trips (the server's pace) here.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ async def _pace(wire: Wire) -> None:
     """A PING for the window just written; then wait for the previous window's
     PONG. Two windows in flight keep the socket busy (waiting for this
     window's PONG would idle it for a round trip per window); a wait longer
-    than :data:`PACE_SLOW` means the server holds us back: wait as long again."""
+    than :data:`PACE_SLOW` means the server holds us back: wait as long again
+    (unless the subscribers pace these frames themselves)."""
     previous = wire.pong
     wire.pong = asyncio.ensure_future(wire.round_trip())
     if previous is None or previous.done():
@@ -77,5 +83,5 @@ async def _pace(wire: Wire) -> None:
     started = time.monotonic()
     await previous
     taken = time.monotonic() - started
-    if taken > PACE_SLOW:  # the server (or the machine) holds back
+    if taken > PACE_SLOW and not wire.peer_paced:  # the server (or the machine) holds back
         await asyncio.sleep(min(taken, _PACE_WAIT_MAX))

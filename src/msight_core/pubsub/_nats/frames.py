@@ -61,6 +61,7 @@ from .chunks import (
     reply_pieces,
     valid_reply,
 )
+from .flow import Flow, confirmation, parse_confirmation
 
 __all__ = [
     "FRAME_HEADER",
@@ -128,6 +129,12 @@ class LargeFrames:
         self.quiet = Quiet(FETCH_PREFIX + self._token.hex())
         self._send: Callable[[Any], Awaitable[None]] | None = None
         self._chunk = chunk_size(1024 * 1024)
+        self.flow = Flow()
+        self._me = os.urandom(8)  # this subscriber's id in its confirmations
+        self._nc: Any = None  # where confirmations go out (set by the subscriber)
+        self._to_confirm: dict[bytes, int] = {}  # publisher token -> newest frame read
+        self._confirming: Any = None  # the task sending them
+        self.assembler.completed = self._completed
 
     @property
     def lost(self) -> int:
@@ -192,6 +199,7 @@ class LargeFrames:
             self._send = send
             self._serving = await nc.subscribe(FETCH_PREFIX + self._token.hex(), cb=self._serve)
             await nc.subscribe(self.quiet.base + ".*", cb=self._no_responders)
+        await self.flow.room(topic, len(data))
         seq = next(self._seqs)
         chunk = self._chunk = chunk_size(nc.max_payload)
         token = self._token.hex()
@@ -203,6 +211,7 @@ class LargeFrames:
         probe = self.quiet.probe(topic)
         if probe is None:  # nobody subscribes the chunks: the notice only
             return (command,)
+        self.flow.sent(seq, topic, len(data))
         return frame_pieces(topic, self._token, seq, data, chunk, command, probe)
 
     async def _no_responders(self, msg: Any) -> None:
@@ -214,6 +223,11 @@ class LargeFrames:
         """A request for a kept frame (from a queue-group member): the chunks go
         to its reply subject. Requests are peer input: checked, bounded."""
         reply = msg.reply.encode() if msg.reply else b""
+        if not reply:  # a subscriber confirming a frame it read (.flow)
+            confirmed = parse_confirmation(msg.data)
+            if confirmed is not None:
+                self.flow.confirm(*confirmed)
+            return
         parsed = parse_frame_id(msg.data.decode("ascii", "replace"))
         if self._send is None or not valid_reply(reply):
             return
@@ -228,6 +242,31 @@ class LargeFrames:
             await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
         except Exception as exc:  # noqa: BLE001 - closing: the requester times out
             logger.debug("answering a frame request failed: %s", type(exc).__name__)
+
+    def confirm_on(self, nc: Any) -> None:
+        """Confirm frames read whole to their publishers over ``nc`` (a broadcast
+        subscriber of chunks; :mod:`.flow`)."""
+        self._nc = nc
+
+    def _completed(self, token: bytes, seq: int) -> None:
+        """The assembler has frame ``seq`` of publisher ``token`` whole: confirm it
+        (the newest per publisher, from one task; on the loop)."""
+        if self._nc is None or (token not in self._to_confirm and len(self._to_confirm) >= 256):
+            return
+        self._to_confirm[token] = seq
+        if self._confirming is None:
+            self._confirming = asyncio.ensure_future(self._send_confirmations())
+
+    async def _send_confirmations(self) -> None:
+        try:
+            while self._to_confirm:
+                token, seq = self._to_confirm.popitem()
+                await self._nc.publish(FETCH_PREFIX + token.hex(), confirmation(self._me, seq))
+        except Exception as exc:  # noqa: BLE001 - closing or disconnected: no pacing now
+            logger.debug("confirming a large frame failed: %s", type(exc).__name__)
+            self._to_confirm.clear()
+        finally:
+            self._confirming = None
 
     async def ensure_stream(self, nc: Any) -> str:
         """Create (or adopt) the chunk stream; on the loop."""

@@ -117,6 +117,11 @@ def counters(parts: Parts) -> dict[str, Any]:
         "large_frames_unchunked": parts.large.quiet.skipped,
         "large_frames_received": parts.large.fetched,
         "large_frames_lost": parts.large.lost,
+        # Frames that waited for their subscribers' confirmations, how long in all,
+        # and subscribers no longer waited for (they kept frames waiting too long).
+        "large_frames_paced": parts.large.flow.waits,
+        "large_frames_pace_seconds": round(parts.large.flow.waited, 3),
+        "large_frame_readers_set_aside": parts.large.flow.set_aside,
         "malformed_dropped": parts.subscriber.dropped,
         "reconnects": conn.reconnects,
         "outage_seconds": round(conn.outage_seconds, 3),

@@ -410,7 +410,10 @@ class Publisher(Receipts):
         large = self._large
         if not self.jetstream:  # core NATS: one piece for the writer (chunks.py)
             self.frames += 1
-            return [await large.core_frame(nc, frame.name, frame.data, self._answer)]
+            pieces = await large.core_frame(nc, frame.name, frame.data, self._answer)
+            if self._wire is not None:  # its subscribers pace it, or the server does (.emit)
+                self._wire.peer_paced = large.flow.paced(frame.name)
+            return [pieces]
         stream = await large.ensure_stream(nc)
         pieces = self._commands.frame(
             frame, stream, large.chunk_size(nc.max_payload), tracked_notice=self.jetstream

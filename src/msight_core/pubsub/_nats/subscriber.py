@@ -329,6 +329,7 @@ class Subscriber:
         """Core broadcast: large frames' chunks come on a side subject, before
         their notice (:mod:`.chunks`); they go to the assembler, routed directly."""
         assembler = self._large.assembler
+        self._large.confirm_on(nc)
 
         async def on_chunk(msg: Any) -> None:  # nats-py's path (no parser)
             assembler.on_chunk(msg.subject, msg.data)
