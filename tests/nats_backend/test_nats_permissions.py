@@ -10,6 +10,7 @@ caused by a PermissionDeniedError.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ authorization {
       permissions: { publish: ["_INBOX.>", "_msight.frames.>"],
                      subscribe: ["camera1.>", "_INBOX.>", "_msight.chunks.camera1.>",
                                  "nochunks.>"] } }
+    { user: silent, password: "silent-pw",
+      permissions: { publish: ["camera1.detections"],
+                     subscribe: ["camera1.>", "_INBOX.>", "_msight.chunks.camera1.>"] } }
     { user: writer, password: "writer-pw",
       permissions: { publish: ["camera1.>", "Camera3.>", "_msight.chunks.camera1.>",
                                "_msight.frames.>", "_INBOX.>", "nochunks.>", "secret.>"],
@@ -145,3 +149,29 @@ def test_the_asyncio_backend_reports_a_refused_publish(server: NatsServer) -> No
             assert isinstance(info.value.__cause__, PermissionDeniedError)
 
     asyncio.run(main())
+
+
+def test_a_subscriber_refused_its_confirmations_gets_frames_and_publishes_on(
+    server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broadcast subscriber may not publish to ``_msight.frames.>``, where it
+    confirms the large frames it read: it gets them all the same, the refusal
+    is logged once, and its own publishes are not failed by it."""
+    sub = NATSPubSub(get_nats_config(env=_env(server, "silent")))
+    pub = NATSPubSub(get_nats_config(env=_env(server, "writer")))
+    try:
+        sub.subscribe("camera1.frames")
+        frames = [bytes([i]) * (2 * 1024 * 1024 + i) for i in range(4)]
+        with caplog.at_level(logging.WARNING, logger="msight_core.pubsub.nats"):
+            for payload in frames:
+                pub.publish("camera1.frames", payload)
+            pub.flush(30)
+            assert [m.data for m in collect(sub, len(frames), 30)] == frames
+            sub.publish("camera1.detections", b"boxes")
+            sub.flush()  # no PublishError for the refused confirmations
+        assert sub.stats()["refused"] == 0
+        refusals = [r for r in caplog.records if "refused a large-frame request" in r.getMessage()]
+        assert len(refusals) == 1
+    finally:
+        sub.close()
+        pub.close()
