@@ -545,9 +545,10 @@ def test_the_security_guides_permissions_carry_large_frames(tmp_path: Any) -> No
 def test_broadcast_subscribers_confirm_each_frame_to_its_publisher(
     make: Any, nats_server: NatsServer, unique_topic: str
 ) -> None:
-    """Each broadcast subscriber confirms every frame it read whole, with its own
-    id, to the publisher's request subject (the publisher paces on them); a
-    queue-group member, which asks for its frames, does not."""
+    """Each subscriber confirms every frame it read whole, with its own id, to the
+    publisher's request subject (the publisher paces on them): broadcast
+    subscribers the frames their chunks brought, a queue-group member those it
+    asked for."""
     subs = [make(), make()]
     member = make(group_id="g")
     for backend in (*subs, member):
@@ -575,7 +576,7 @@ def test_broadcast_subscribers_confirm_each_frame_to_its_publisher(
     by_peer: dict[bytes, list[int]] = {}
     for peer, seq in confirmations:  # type: ignore[misc]
         by_peer.setdefault(peer, []).append(seq)
-    assert len(by_peer) == 2  # the two broadcast subscribers, not the member
+    assert len(by_peer) == 3  # the two broadcast subscribers and the member
     for seqs in by_peer.values():
         assert seqs == sorted(seqs) and len(seqs) >= 1 and seqs[-1] == seqs[0] + len(frames) - 1
     for sub in subs:

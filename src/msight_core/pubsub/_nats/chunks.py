@@ -163,7 +163,9 @@ class Quiet:
     sending them holds a flat-out publisher to what the server moves, which is
     about what the members' requests can fetch; without them the publisher
     outran the members and the frames they had not fetched yet expired (118-129
-    of 200 frames of 4 MiB lost). Anyone can publish a 503 to ``<base>.<n>``: a
+    of 200 frames of 4 MiB lost). Tried again with the publisher paced by the
+    members' confirmations (:mod:`.flow`): a member then fetched at 42 MB/s and
+    lost 83 of 200 (not yet understood). Anyone can publish a 503 to ``<base>.<n>``: a
     forged one costs frame requests, not frames. Used on the event loop only.
     """
 

@@ -6,10 +6,14 @@ A flat-out publisher of large frames must therefore not get further ahead of
 its slowest subscriber than that, and only the subscriber knows how far it is:
 a PING round trip tells how far the *server* has read.
 
-So a broadcast subscriber *confirms* each frame whose chunks it has read whole
-(:func:`confirmation`: its own random id and the frame's sequence number, a
-small message to the publisher's request subject, ``FETCH_PREFIX`` + token,
-with no reply subject: a publisher of the previous version ignores it). The
+So a broadcast subscriber *confirms* each frame whose chunks it has read whole,
+and a queue-group member each frame it asked for and got (:func:`confirmation`:
+its own random id and the frame's sequence number, a small message to the
+publisher's request subject, ``FETCH_PREFIX`` + token, with no reply subject: a
+publisher of the previous version ignores it). A member gets a share of the
+frames, but confirming the newest it got tells how far behind the publisher it
+is all the same, and keeps the frames it has yet to ask for in the publisher's
+store (:class:`.chunks.Retained`). The
 publisher (:class:`Flow`) counts, per topic, the bytes of the frames it sent
 and, per confirming subscriber and topic, the bytes confirmed; before the next
 frame of a topic it waits until every *active* subscriber of that topic is

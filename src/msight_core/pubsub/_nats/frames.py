@@ -208,10 +208,10 @@ class LargeFrames:
         name = topic.encode()
         command = b"HPUB %s %d %d\r\n%s\r\n" % (name, len(notice), len(notice), notice)
         self._retained.add(seq, data, topic)
+        self.flow.sent(seq, topic, len(data))
         probe = self.quiet.probe(topic)
         if probe is None:  # nobody subscribes the chunks: the notice only
             return (command,)
-        self.flow.sent(seq, topic, len(data))
         return frame_pieces(topic, self._token, seq, data, chunk, command, probe)
 
     async def _no_responders(self, msg: Any) -> None:
@@ -438,6 +438,8 @@ class LargeFrames:
             if source != FETCH_PREFIX + token.hex():
                 raise LookupError("the notice names no source of ours")
             data = await fetch(nc, source, token, seq, size, chunks, self.timeout)
+            self._nc = nc
+            self._completed(token, seq)  # confirmed as a broadcast subscriber's chunks are
         except Exception as exc:  # noqa: BLE001 - a lost frame must not stop the reader
             self._lost += 1
             logger.warning(
