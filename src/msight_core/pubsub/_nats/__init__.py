@@ -26,8 +26,8 @@ names and signatures change without notice.
   loop, for the asyncio backend (exposed as ``pubsub.nats.NATSLoopClient``).
 
 Imports go one way: ``internals``, ``chunks``, ``flow``, ``listeners``, ``receiver``,
-``routes`` and ``streams`` import nothing from here (``frames`` only ``chunks`` and ``flow``, ``commands``
-only ``frames``, ``parser`` only ``receiver`` and ``routes``, ``emit`` only
-``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
+``routes`` and ``streams`` import nothing from here (``frames`` only ``chunks`` and
+``flow``, ``commands`` only ``frames``, ``parser`` only ``receiver`` and ``routes``,
+``emit`` only ``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.
 """

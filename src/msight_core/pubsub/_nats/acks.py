@@ -182,7 +182,6 @@ class Receipts:
             return
         quoted = text.split('"')
         subject = quoted[1] if len(quoted) > 2 else "?"
-        # nats-py lowercases the server's text: find the topic as it was written.
         if subject.startswith(FETCH_PREFIX):  # a frame request or confirmation, not a message
             self._refused_control += 1
             if self._refused_control == 1:
@@ -195,6 +194,7 @@ class Receipts:
                     FETCH_PREFIX,
                 )
             return
+        # nats-py lowercases the server's text: find the topic as it was written.
         base = subject.removeprefix(CHUNK_PREFIX)
         topic = next((t for t in list(self._prefixes) if t.lower() == base), base)
         what = f"the large-frame chunks of {topic!r}" if base != subject else repr(topic)

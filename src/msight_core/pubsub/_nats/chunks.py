@@ -164,8 +164,11 @@ class Quiet:
     about what the members' requests can fetch; without them the publisher
     outran the members and the frames they had not fetched yet expired (118-129
     of 200 frames of 4 MiB lost). Tried again with the publisher paced by the
-    members' confirmations (:mod:`.flow`): a member then fetched at 42 MB/s and
-    lost 83 of 200 (not yet understood). Anyone can publish a 503 to ``<base>.<n>``: a
+    members' confirmations (:mod:`.flow`): 83 of 200 lost. With notices only,
+    nothing but confirmations holds the publisher back: before a member's first
+    one, and whenever a member is silent for ``flow.QUIET``, the publisher sends
+    notices as fast as it is called and the frames behind them expire.
+    Anyone can publish a 503 to ``<base>.<n>``: a
     forged one costs frame requests, not frames. Used on the event loop only.
     """
 

@@ -104,7 +104,7 @@ class Flow:
 
     def __init__(self, window: int = WINDOW) -> None:
         self.window = window
-        self._sent: dict[str, int] = {}  # topic -> bytes of its frames sent (chunked)
+        self._sent: dict[str, int] = {}  # topic -> bytes of its frames sent
         self._marks: OrderedDict[int, tuple[str, int]] = OrderedDict()  # seq -> (topic, sent)
         self._peers: dict[str, dict[bytes, _Peer]] = {}  # topic -> subscriber -> state
         self._count = 0  # pairs in _peers
@@ -115,7 +115,8 @@ class Flow:
         self.ignored = 0  # confirmations that counted for nothing
 
     def sent(self, seq: int, topic: str, size: int) -> None:
-        """Frame ``seq`` of ``size`` bytes went out in chunks on ``topic``."""
+        """Frame ``seq`` of ``size`` bytes went out on ``topic`` (in chunks, or
+        kept for those who ask)."""
         total = self._sent[topic] = self._sent.get(topic, 0) + size
         self._marks[seq] = (topic, total)
         if len(self._marks) > MAX_MARKS:
