@@ -55,6 +55,7 @@ nats-py's private API, each checked and with a public fallback, in
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import time
 import weakref
@@ -63,6 +64,7 @@ from typing import Any
 from ..config import NatsConfig, load_nats_config
 from ..errors import BackpressureError, MsightError
 from ._core import Delivery, QueueBackend
+from ._nats.frames import LINGER_SECONDS
 from ._nats.internals import confirm
 from ._nats.modes import CoreMode
 from ._nats.native import LoopClient as NATSLoopClient
@@ -225,6 +227,8 @@ class NATSPubSub(QueueBackend):
                 unacked,
                 exc,
             )
+        with contextlib.suppress(MsightError):  # the frames queue-group members ask for
+            conn.run(self._large.linger(LINGER_SECONDS), LINGER_SECONDS + 1, "linger")
         conn.begin_close()
         publisher.begin_close()
         conn.close(timeout)

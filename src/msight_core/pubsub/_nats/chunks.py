@@ -208,6 +208,11 @@ class Quiet:
         if topic is not None and self._asked.get(topic, 0.0) <= now:
             self._until[topic] = now + QUIET_SECONDS
 
+    def asked_lately(self, topic: str) -> bool:
+        """Whether someone asked for a frame of ``topic`` in the last
+        :data:`QUIET_SECONDS` (queue-group members read it)."""
+        return self._asked.get(topic, 0.0) > time.monotonic()
+
     def asked(self, topic: str) -> None:
         """Someone asked for a frame of ``topic``: chunks again, and for a while."""
         self._until.pop(topic, None)
@@ -256,6 +261,18 @@ class Retained:
                 break
             frames.popitem(last=False)
             self._bytes -= len(data)
+
+    def awaited(self, asked: Callable[[str], bool]) -> int:
+        """Frames kept and not yet asked for that a queue-group member may still
+        ask for: on topics whose frames are ``asked`` for, and any younger than
+        :data:`GRACE_SECONDS` (a member's first request is a round trip away)."""
+        now = time.monotonic()
+        cutoff, young = now - RETAIN_SECONDS, now - GRACE_SECONDS
+        return sum(
+            1
+            for _, at, serves, topic in self._frames.values()
+            if not serves and (at >= young or (at >= cutoff and asked(topic)))
+        )
 
     def topic(self, seq: int) -> str | None:
         """The topic frame ``seq`` went on, if it is kept."""

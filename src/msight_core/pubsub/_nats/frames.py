@@ -68,6 +68,7 @@ __all__ = [
     "FRAME_MARKER",
     "LARGE_STREAM",
     "LARGE_SUBJECT_PREFIX",
+    "LINGER_SECONDS",
     "LargeFrames",
     "chunk_header",
     "notice_headers",
@@ -83,6 +84,7 @@ _HEADROOM = 512  # bytes of max_payload kept for the chunk's headers
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}")  # a frame id from a notice: a literal token
 _NUMBER = re.compile(r"[0-9]{1,12}")  # a size or count from a notice
 _STORE_WAIT = 1.0  # seconds a notice may wait for its chunks to be in the stream
+LINGER_SECONDS = 1.0  # a closing publisher waits this long at most for frame requests
 
 
 def chunk_header(subject: bytes, index: int) -> bytes:
@@ -126,6 +128,7 @@ class LargeFrames:
         self._seqs = itertools.count(1)
         self._retained = Retained(max_bytes // 4)
         self._serving: Any = None
+        self._answering = 0  # frame requests being answered
         self.quiet = Quiet(FETCH_PREFIX + self._token.hex())
         self._send: Callable[[Any], Awaitable[None]] | None = None
         self._chunk = chunk_size(1024 * 1024)
@@ -238,10 +241,25 @@ class LargeFrames:
             if topic is not None:
                 self.quiet.asked(topic)
         seq = parsed[1] if parsed is not None else 0
+        self._answering += 1
         try:
             await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
         except Exception as exc:  # noqa: BLE001 - closing: the requester times out
             logger.debug("answering a frame request failed: %s", type(exc).__name__)
+        finally:
+            self._answering -= 1
+
+    async def linger(self, timeout: float) -> None:
+        """Before the connection closes (on the loop): wait until the frames
+        queue-group members will ask for were asked for and answered, ``timeout``
+        seconds at most. A member asks when its notice arrives, a round trip after
+        the publish: a publisher that closes right after its last frame would
+        otherwise leave that frame unanswered, and lost."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (
+            self._answering or self._retained.awaited(self.quiet.asked_lately)
+        ):
+            await asyncio.sleep(0.005)
 
     def confirm_on(self, nc: Any) -> None:
         """Confirm frames read whole to their publishers over ``nc`` (a broadcast

@@ -29,6 +29,7 @@ from ..base import Capabilities
 from . import internals
 from .commands import header_lines
 from .conn import run_here
+from .frames import LINGER_SECONDS
 from .parts import assemble, counters, trace_lines
 
 __all__ = ["LoopClient"]
@@ -196,6 +197,7 @@ class LoopClient:
                 unacked,
                 exc,
             )
+        await parts.large.linger(LINGER_SECONDS)
         conn.begin_close()
         publisher.begin_close()
         try:
