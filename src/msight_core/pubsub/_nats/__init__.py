@@ -31,3 +31,12 @@ Imports go one way: ``internals``, ``chunks``, ``flow``, ``listeners``, ``receiv
 ``emit`` only ``internals``); the roles build on them, and the facade on the roles. No object here holds a reference to the
 backend that owns it: each gets the narrow arguments it uses.
 """
+
+from __future__ import annotations
+
+try:
+    import nats  # noqa: F401 - fail here, with the hint, whichever module is imported first
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    from ...errors import MissingDependencyError
+
+    raise MissingDependencyError("nats-py", "nats") from exc
