@@ -23,6 +23,11 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import nats  # without nats-py, the package's __init__ raised the hint already
+import nats.errors
+import nats.js.errors
+from nats.aio.client import RawCredentials
+
 from ...config import NatsConfig, nats_connect_options
 from ...errors import (
     AuthenticationError,
@@ -32,17 +37,8 @@ from ...errors import (
     MissingDependencyError,
     MsightError,
 )
-from .listeners import Listeners
-
-try:
-    import nats
-    import nats.errors
-    import nats.js.errors
-    from nats.aio.client import RawCredentials
-except ImportError as exc:  # pragma: no cover - exercised without the extra
-    raise MissingDependencyError("nats-py", "nats") from exc
-
 from . import internals
+from .listeners import Listeners
 
 __all__ = [
     "Connection",
