@@ -18,7 +18,13 @@ import pytest
 
 from msight_core.config import load_redis_config
 from msight_core.pubsub import get_pubsub
-from msight_core.pubsub._redis.pacing import HIGH_BYTES, MAX_WAIT, Pacer, parse_client_list
+from msight_core.pubsub._redis.pacing import (
+    CHECK_BYTES,
+    HIGH_BYTES,
+    MAX_WAIT,
+    Pacer,
+    parse_client_list,
+)
 from msight_core.testing.brokers import RedisServer
 from msight_core.utils import get_redis_client
 
@@ -75,35 +81,66 @@ class SlowReader:
 
 def test_client_list_parsing_takes_ids_and_output_memory() -> None:
     listing = (
-        b"id=7 addr=127.0.0.1:5 laddr=x fd=9 name= age=1 sub=1 psub=0 omem=0 tot-mem=1 cmd=subscribe\n"
-        b"id=12 addr=127.0.0.1:6 name=omem=5 sub=1 omem=33554432 events=r\n"
+        b"id=7 addr=127.0.0.1:5 laddr=x fd=9 name= age=1 sub=1 psub=0 omem=0 tot-mem=1 cmd=subscribe "
+        b"tot-net-in=13 tot-net-out=30 tot-cmds=1\n"
+        b"id=12 addr=127.0.0.1:6 name=omem=5 sub=1 omem=33554432 events=r\n"  # older server
         b"garbage line without fields\n"
         b"id=99999999999999999999999 omem=1\n"  # out of range: skipped
     )
-    assert parse_client_list(listing) == {7: 0, 12: 33554432}
+    assert parse_client_list(listing) == {7: (0, 30), 12: (33554432, -1)}
 
 
 def test_pacer_waits_for_a_client_then_gives_up_on_it_until_it_drains() -> None:
     pacer = Pacer()
-    over = {1: HIGH_BYTES + 1, 2: 0}
+    over = {1: (HIGH_BYTES + 1, 500), 2: (0, 9)}
     assert pacer.must_wait(over, now=100.0)
     assert pacer.must_wait(over, now=100.0 + MAX_WAIT / 2)
     assert not pacer.must_wait(over, now=100.0 + MAX_WAIT)  # stuck: not waited for again
     assert not pacer.must_wait(over, now=200.0)
-    assert not pacer.must_wait({1: HIGH_BYTES, 2: 0}, now=201.0)  # drained: forgotten
+    assert not pacer.must_wait({1: (HIGH_BYTES, 900), 2: (0, 9)}, now=201.0)  # drained
     assert pacer.must_wait(over, now=202.0)  # a new episode is waited for again
 
 
-def test_pacer_keeps_waiting_for_a_client_that_drains_slowly() -> None:
+def test_pacer_counts_what_valkey_hides_from_omem() -> None:
+    # Valkey 9 shows a stalled subscriber's omem flat at one message while
+    # everything published after it queues by reference: the pacer counts what
+    # it sent since the subscriber was caught up, less what the server wrote.
     pacer = Pacer()
-    size, now = 3 * HIGH_BYTES, 100.0
-    for _ in range(20):  # 20 x MAX_WAIT, always a little less queued
-        assert pacer.must_wait({1: size}, now=now)
-        size -= 1000
+    stalled, reader, idle = (0, 1000), (0, 5000), (0, 70)
+    assert not pacer.must_wait({1: stalled, 2: reader, 3: idle}, now=100.0)
+    written = 5000
+    for i in range(1, 6):  # 4 MB per look; the reader keeps up, the stalled one does not
+        pacer.sent(CHECK_BYTES)
+        written += CHECK_BYTES
+        clients = {1: (2 * MB, 1000 + 2 * MB), 2: (MB, written - MB), 3: idle}
+        assert pacer.must_wait(clients, now=100.0 + i / 100) == (
+            i * CHECK_BYTES - 2 * MB > HIGH_BYTES
+        )
+        assert pacer.lag(2, MB, written - MB) == MB  # the reader is one message behind
+    assert pacer.lag(1, 2 * MB, 1000 + 2 * MB) == 5 * CHECK_BYTES - 2 * MB
+    assert not pacer.must_wait({3: idle}, now=101.0)  # the others left: forgotten
+    assert pacer.caught_up == {3: (5 * CHECK_BYTES, 70)}
+
+
+@pytest.mark.parametrize("signal", ["omem", "tot-net-out"])
+def test_pacer_keeps_waiting_for_a_client_that_drains_slowly(signal: str) -> None:
+    # Older servers show progress as a shrinking omem only; Valkey 9 keeps omem
+    # flat while a large message is read, and only tot-net-out grows.
+    pacer = Pacer()
+    size, sent, now = 3 * HIGH_BYTES, -1 if signal == "omem" else 1000, 100.0
+    for _ in range(20):  # 20 x MAX_WAIT, always a little more read
+        assert pacer.must_wait({1: (size, sent)}, now=now)
+        if signal == "omem":
+            size -= 1000
+        else:
+            sent += 65536
         now += MAX_WAIT * 0.9
-    assert pacer.must_wait({1: size}, now=now)  # it drained a little more
-    assert pacer.must_wait({1: size}, now=now + MAX_WAIT * 0.5)
-    assert not pacer.must_wait({1: size}, now=now + MAX_WAIT * 1.1)  # no progress since
+    assert pacer.must_wait({1: (size, sent)}, now=now)  # it read a little more
+    assert pacer.must_wait({1: (size, sent)}, now=now + MAX_WAIT * 0.5)
+    assert not pacer.must_wait({1: (size, sent)}, now=now + MAX_WAIT * 1.1)  # no progress since
+    sent = sent + 1 if signal == "tot-net-out" else sent
+    size = size - 1 if signal == "omem" else size
+    assert pacer.must_wait({1: (size, sent)}, now=now + MAX_WAIT * 2)  # reading again
 
 
 @pytest.mark.timeout(120)

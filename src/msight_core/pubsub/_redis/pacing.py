@@ -9,25 +9,36 @@ publisher of 4 MB frames, the server and the subscriber on two cores) it falls
 behind for tens of milliseconds, and 32 MB is eight 4 MB frames.
 
 So the writer sends at most :data:`CHECK_BYTES` (or one message, if larger)
-between looks at the subscribers' output buffers (``CLIENT LIST TYPE pubsub``,
-field ``omem``), and waits while one holds more than :data:`HIGH_BYTES`. The
-buffers then stay under ``HIGH_BYTES + CHECK_BYTES`` plus one message, far from
-the limit. A subscriber above the mark that drains (its buffer shrinks between
-looks) is waited for as long as it makes progress: the publisher slows to what
+between looks at the subscribers (``CLIENT LIST TYPE pubsub``), and waits while
+one is more than :data:`HIGH_BYTES` behind. It then stays under ``HIGH_BYTES +
+CHECK_BYTES`` plus one message behind, far from the limit.
+
+How far behind: the server's ``omem`` alone is not enough. Valkey 9 holds a
+large payload queued for a subscriber by reference (reply copy avoidance) and
+leaves it out of ``omem`` while the subscriber's socket is full; once the
+subscriber reads again the server counts everything queued at once and, past
+32 MB, disconnects it. Measured: a subscriber that stopped reading showed 2 MB
+of ``omem`` with 60 MB queued for it, and was cut off on its next read. So where
+the server reports ``tot-net-out`` (bytes written to the client; Redis 8 and
+Valkey 8 on) a subscriber's lag is the larger of its ``omem`` and what this
+publisher sent since the subscriber was last seen caught up (``omem`` 0) less
+what the server wrote to it since. On older servers ``omem`` is exact and used
+alone.
+
+A subscriber behind the mark is waited for as long as it makes progress (the
+server wrote more to it, or its ``omem`` shrank): the publisher slows to what
 it reads instead of getting it disconnected. One that makes no progress for
-:data:`MAX_WAIT` seconds (stopped, hung) is not waited for again until it
-drains: a stuck client costs the publisher ``MAX_WAIT`` once per episode, never
-a stall. The output buffers of every pub/sub client of the
-server count, since ``CLIENT LIST`` does not say who listens to which channel.
+:data:`MAX_WAIT` seconds (stopped, hung) is not waited for again until it reads
+again or catches up: a stuck client costs the publisher ``MAX_WAIT`` once per
+episode, never a stall. Every pub/sub client of the server counts, since
+``CLIENT LIST`` does not say who listens to which channel: a subscriber that
+stays behind on another publisher's channel slows this publisher too.
 
 The looks also bound what is in flight: the writer reads the replies to what
 it sent before each look, so it never runs more than ``CHECK_BYTES`` ahead of
-the server. On Valkey 9 that bound does most of the work for large frames:
-with its reply copy avoidance a payload queued for a subscriber is held by
-reference and left out of ``omem`` (Redis fixed the same accounting in
-redis/redis#14934), so the server's 32 MB limit and the mark see less than is
-queued. Measured on a loaded 2-core machine, 200 frames of 4 MB flat out to one
-subscriber: 79-121 lost and 5 disconnects before, 0 lost after, at 400 MB/s.
+the server. Measured on a loaded 2-core machine, 200 frames of 4 MB flat out
+to one subscriber: 79-121 lost and 5 disconnects before pacing, 0 lost after,
+at 400 MB/s.
 
 A server that refuses ``CLIENT LIST`` (an ACL without ``+client|list``, a renamed
 command) turns pacing off for that publisher, logged once; nothing else changes.
@@ -53,16 +64,19 @@ POLL = 0.001
 #: Command sent to look (RESP2).
 QUERY = b"*4\r\n$6\r\nCLIENT\r\n$4\r\nLIST\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n"
 
-_FIELDS = re.compile(rb"(?:^|\s)(id|omem)=(\d{1,20})(?=\s|$)")
+_FIELDS = re.compile(rb"(?:^|\s)(id|omem|tot-net-out)=(\d{1,20})(?=\s|$)")
 
 
-def parse_client_list(text: bytes) -> dict[int, int]:
-    """``{client id: omem}`` from a ``CLIENT LIST`` reply; lines without both are skipped."""
-    out: dict[int, int] = {}
+def parse_client_list(text: bytes) -> dict[int, tuple[int, int]]:
+    """``{client id: (omem, tot-net-out)}`` from a ``CLIENT LIST`` reply.
+
+    ``tot-net-out`` is -1 where the server does not report it; lines without
+    both ``id`` and ``omem`` are skipped."""
+    out: dict[int, tuple[int, int]] = {}
     for line in text.split(b"\n"):
         fields = dict(_FIELDS.findall(line))
         if b"id" in fields and b"omem" in fields:
-            out[int(fields[b"id"])] = int(fields[b"omem"])
+            out[int(fields[b"id"])] = (int(fields[b"omem"]), int(fields.get(b"tot-net-out", -1)))
     return out
 
 
@@ -75,8 +89,12 @@ class Pacer:
     def __init__(self) -> None:
         self.enabled = True
         self.unsent_check = 0  # bytes sent since the last look
-        # client id -> (when it last made progress above the mark, its omem then)
-        self.over_since: dict[int, tuple[float, int]] = {}
+        self.sent_total = 0  # bytes sent by this publisher, ever
+        # client id -> (sent_total, its tot-net-out) when it was last seen caught up
+        self.caught_up: dict[int, tuple[int, int]] = {}
+        # client id -> (when it last made progress behind the mark, its omem and
+        # tot-net-out at the last look)
+        self.over_since: dict[int, tuple[float, int, int]] = {}
         self.waited = 0.0
         """Seconds the writer waited for subscribers to drain."""
         self.looks = 0
@@ -87,24 +105,39 @@ class Pacer:
 
     def sent(self, nbytes: int) -> None:
         self.unsent_check += nbytes
+        self.sent_total += nbytes
 
-    def must_wait(self, omem: dict[int, int], now: float) -> bool:
-        """After a look: True while a subscriber above the mark is still worth waiting for."""
+    def lag(self, cid: int, omem: int, written: int) -> int:
+        """Bytes client ``cid`` is behind, by this look (see the module docs)."""
+        if written < 0:  # the server does not say what it wrote: omem is exact there
+            return omem
+        base = self.caught_up.get(cid)
+        if omem == 0 or base is None:
+            self.caught_up[cid] = (self.sent_total, written)
+            return omem
+        return max(omem, (self.sent_total - base[0]) - (written - base[1]))
+
+    def must_wait(self, clients: dict[int, tuple[int, int]], now: float) -> bool:
+        """After a look (``{id: (omem, tot-net-out)}``, see :func:`parse_client_list`):
+        True while a subscriber behind the mark is still worth waiting for."""
         self.looks += 1
         self.unsent_check = 0
+        for cid in [c for c in self.caught_up if c not in clients]:
+            del self.caught_up[cid]  # gone
         over = self.over_since
-        for cid in [c for c in over if omem.get(c, 0) <= HIGH_BYTES]:
-            del over[cid]
         waiting = False
-        for cid, size in omem.items():
-            if size <= HIGH_BYTES:
+        for cid, (size, written) in clients.items():
+            if self.lag(cid, size, written) <= HIGH_BYTES:
+                over.pop(cid, None)
                 continue
-            since, last = over.get(cid, (now, size))
-            if size < last:  # it drains: progress, keep waiting for it
+            since, last_size, last_written = over.get(cid, (now, size, written))
+            if size < last_size or written > last_written:  # it reads: keep waiting
                 since = now
-            over[cid] = (since, size)
+            over[cid] = (since, size, written)
             if now - since < MAX_WAIT:
                 waiting = True
+        for cid in [c for c in over if c not in clients]:
+            del over[cid]
         return waiting
 
     def refused(self, reply: bytes) -> None:
