@@ -12,7 +12,7 @@ from msight_core.config import parse_redis_node as parse_node
 from msight_core.errors import ConfigError
 from msight_core.pubsub import RedisPubSub
 from msight_core.pubsub._redis.slots import SlotMap, crc16, key_slot
-from msight_core.testing.brokers import RedisServer
+from msight_core.testing.brokers import RedisServer, free_port
 from msight_core.testing.clusters import RedisCluster
 from msight_core.topics import get_topic, list_topics
 from msight_core.utils import get_redis_client
@@ -219,3 +219,30 @@ def test_subscriber_follows_failover_when_its_master_dies(unique_topic: str) -> 
         finally:
             sub.close()
             pub.close()
+
+
+def test_a_node_whose_handshake_was_dropped_is_introduced_again() -> None:
+    # On a loaded machine a handshake can outlast the node timeout; the server
+    # then drops it for good. Here the first introduction of the last node names
+    # a bus port nothing listens on, so its handshake is dropped the same way.
+    cluster = RedisCluster(masters=3, replicas=0)
+    late = cluster.nodes[-1]
+    real_bus, met_once = late.bus_port, cluster._met
+    calls = []
+
+    def first_meet_misses() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            late.bus_port = free_port()
+        try:
+            return met_once()
+        finally:
+            late.bus_port = real_bus
+
+    cluster._met = first_meet_misses  # type: ignore[method-assign]
+    try:
+        cluster.start(timeout=15)
+        assert all(len(str(n.cmd("CLUSTER", "NODES")).splitlines()) == 3 for n in cluster.nodes)
+        assert calls[-1] - calls[0] >= 1.0  # it took a second introduction
+    finally:
+        cluster.close()
