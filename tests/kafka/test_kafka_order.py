@@ -87,7 +87,11 @@ def test_bursts_reach_two_broadcast_subscribers_in_publish_order(
         pub.flush()
     for sub in subs:
         got = [m.data[:16].split(b":") for m in collect(sub, 600, 60)]
-        assert len(got) == 600
+        missing = {
+            p: sorted(set(range(300)) - {int(g[1]) for g in got if g[0] == p})
+            for p in (b"p0", b"p1")
+        }
+        assert len(got) == 600, (missing, sub.stats(), [pub.stats() for pub in pubs])
         for p in (b"p0", b"p1"):
             assert [int(g[1]) for g in got if g[0] == p] == list(range(300))
         assert sub.stats()["order_gaps"] == 0
@@ -277,3 +281,26 @@ def test_wildcard_picks_up_a_topic_created_after_subscribing(
             got.setdefault(name, []).append(int(i))
     assert got == {name: list(range(50)) for name in [existing, *later]}
     assert sub.receive(1.0) is None
+
+
+def test_transaction_markers_are_read_past_with_nothing_lost_or_repeated(
+    kafka_server: Any, backends: Callable[..., KafkaPubSub], unique_topic: str
+) -> None:
+    # A transactional producer leaves a control record after each commit: an
+    # offset the consumer never gets. msight reads each such hole once more (a
+    # fetch that skipped records looks the same, see _kafka.holes), then goes on.
+    sub = backends()
+    sub.subscribe(unique_topic)
+    raw = Producer({"bootstrap.servers": kafka_server.address, "transactional.id": unique_topic})
+    raw.init_transactions(10)
+    for t in range(3):
+        raw.begin_transaction()
+        for i in range(5):
+            raw.produce(unique_topic, b"%d:%d" % (t, i), partition=0)
+        raw.commit_transaction(10)
+    got = [m.data for m in collect(sub, 15, 30)]
+    assert got == [b"%d:%d" % (t, i) for t in range(3) for i in range(5)]
+    assert collect(sub, 1, 1.0) == []  # nothing twice
+    stats = sub.stats()
+    assert stats["fetch_rereads"] == 2, stats  # the markers after the first two commits
+    assert stats["fetch_offsets_skipped"] == 2, stats

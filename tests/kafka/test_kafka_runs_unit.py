@@ -42,11 +42,15 @@ def _inbox(bulk: bool, parts: int, max_messages: int = 100_000) -> tuple[Inbox, 
     )
     out: collections.deque[Any] = collections.deque()
     gens = {(T, p): 1 for p in range(parts)}
-    inbox = Inbox(config, False, gens, out, lambda err: None)
+    inbox = Inbox(config, False, gens, out, lambda err: None, _no_seek)
     inbox.assign(list(gens))
     if not bulk:
         inbox.order.extend = None  # type: ignore[assignment]  # the per-record path only
     return inbox, out
+
+
+def _no_seek(tp: Any) -> None:
+    raise AssertionError(f"offsets here have no holes, yet {tp} was to be read again")
 
 
 def _value(pid: bytes, seq: int) -> bytes:

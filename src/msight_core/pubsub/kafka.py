@@ -253,7 +253,10 @@ class KafkaPubSub(QueueBackend):
         subscribers, rebalances, split frames dropped, and order restoration:
         ``order_gaps`` (a publisher's messages never received), ``order_late``
         (received after later ones were delivered), ``unordered`` (stamps that
-        did not add up, passed through)."""
+        did not add up, passed through), ``fetch_rereads`` (fetches that skipped
+        records in a partition, read again) and ``fetch_offsets_skipped`` (offsets
+        missing on a second read too: control records, compaction; see
+        :mod:`._kafka.holes`)."""
         out = super().stats()
         publisher, subscriber = self._publisher, self._subscriber
         if publisher is not None:

@@ -25,6 +25,7 @@ from ...config import KafkaConfig
 from ...tracing import enabled as tracing_enabled
 from .._core import Delivery
 from .chunks import CHUNK_HEADER, FRAME_TIMEOUT, Reassembler
+from .holes import Holes
 from .order import Sequencer
 from .stamps import FRAME_MAGIC, SEQ_MAGIC
 
@@ -45,6 +46,8 @@ class Inbox:
         gens: the consumer's partition -> generation map (read only here).
         out: where deliveries go, in order.
         on_error: called with a record's ``KafkaError``.
+        seek: moves a partition's fetch position (``Consumer.seek``): a batch
+            that skipped records is read again (:mod:`.holes`).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Inbox:
         gens: dict[TP, int],
         out: deque[Delivery],
         on_error: Callable[[Any], None],
+        seek: Callable[[Any], None],
     ) -> None:
         budget = max(config.queue.max_bytes, config.max_message_bytes)
         self.grouped = grouped
@@ -61,6 +65,7 @@ class Inbox:
         self.out = out
         self.on_error = on_error
         self.chunks = Reassembler(budget)
+        self.holes = Holes(seek)
         emit = self._emit_token if grouped else self._emit
         self.order = Sequencer(
             config.order_wait,
@@ -77,6 +82,7 @@ class Inbox:
 
     def handle(self, msgs: list[Any]) -> None:
         """Take a fetched batch, in order."""
+        msgs = self.holes.check(msgs)
         if not self.grouped and not self.chunks.partial and not self.order.held_count:
             # Broadcast, nothing pending: plain unstamped records (raw producers,
             # ``ordered`` publishers) go straight out, as cheaply as possible.
@@ -156,11 +162,13 @@ class Inbox:
             by_topic.setdefault(topic, []).append(part)
         for topic, parts in by_topic.items():
             self.order.assign(topic, parts)
+            self.holes.forget((topic, part) for part in parts)
 
     def revoke(self, keys: set[TP]) -> None:
         """Partitions no longer read here, or about to be rewound."""
         self.chunks.forget(keys)
         self.order.revoke(keys)
+        self.holes.forget(keys)
 
     def rewind(self, topic: str) -> None:
         """``topic`` was moved back: its publishers' order starts again."""

@@ -107,7 +107,14 @@ class Subscriber:
         """Partition -> generation (read only outside): a delivery whose token
         carries another generation was revoked or rewound since it was queued."""
         self._leftover: deque[Delivery] = deque()
-        self.inbox = Inbox(config, self.grouped, self._gen, self._leftover, self._on_record_error)
+        self.inbox = Inbox(
+            config,
+            self.grouped,
+            self._gen,
+            self._leftover,
+            self._on_record_error,
+            self.consumer.seek,
+        )
         self._paused = False
         self._stop = False
         self._last_pending_check = 0.0
@@ -126,7 +133,9 @@ class Subscriber:
     def order_stats(self) -> dict[str, int]:
         """Counters of the order restoration (see :class:`~.order.Sequencer`)."""
         order = self.inbox.order
-        return {"order_gaps": order.gaps, "order_late": order.late, "unordered": order.unordered}
+        return {"order_gaps": order.gaps, "order_late": order.late, "unordered": order.unordered,
+                "fetch_rereads": self.inbox.holes.rereads,
+                "fetch_offsets_skipped": self.inbox.holes.skipped}  # fmt: skip
 
     # -- caller side ------------------------------------------------------------------
 
