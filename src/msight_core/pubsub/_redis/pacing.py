@@ -19,11 +19,10 @@ leaves it out of ``omem`` while the subscriber's socket is full; once the
 subscriber reads again the server counts everything queued at once and, past
 32 MB, disconnects it. Measured: a subscriber that stopped reading showed 2 MB
 of ``omem`` with 60 MB queued for it, and was cut off on its next read. So where
-the server reports ``tot-net-out`` (bytes written to the client; Redis 8 and
-Valkey 8 on) a subscriber's lag is the larger of its ``omem`` and what this
-publisher sent since the subscriber was last seen caught up (``omem`` 0) less
-what the server wrote to it since. On older servers ``omem`` is exact and used
-alone.
+the server reports ``tot-net-out`` (bytes written to the client, in Valkey 9
+here) a subscriber's lag is the larger of its ``omem`` and what this publisher
+sent since the subscriber was last seen caught up (``omem`` 0) less what the
+server wrote to it since. Where it does not, ``omem`` is used alone.
 
 A subscriber behind the mark is waited for as long as it makes progress (the
 server wrote more to it, or its ``omem`` shrank): the publisher slows to what
