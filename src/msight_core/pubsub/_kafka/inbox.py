@@ -174,6 +174,17 @@ class Inbox:
         """``topic`` was moved back: its publishers' order starts again."""
         self.order.reset(topic)
 
+    def stats(self) -> dict[str, int]:
+        """Order restoration (:class:`~.order.Sequencer`) and holes read again (:mod:`.holes`)."""
+        order, holes = self.order, self.holes
+        return {
+            "order_gaps": order.gaps,
+            "order_late": order.late,
+            "unordered": order.unordered,
+            "fetch_rereads": holes.rereads,
+            "fetch_offsets_skipped": holes.skipped,
+        }
+
     # -- timers ---------------------------------------------------------------------------
 
     def tick(self, now: float, paused: bool) -> float | None:

@@ -131,11 +131,8 @@ class Subscriber:
         return self.inbox.chunks.dropped
 
     def order_stats(self) -> dict[str, int]:
-        """Counters of the order restoration (see :class:`~.order.Sequencer`)."""
-        order = self.inbox.order
-        return {"order_gaps": order.gaps, "order_late": order.late, "unordered": order.unordered,
-                "fetch_rereads": self.inbox.holes.rereads,
-                "fetch_offsets_skipped": self.inbox.holes.skipped}  # fmt: skip
+        """Counters of the order restoration and re-read fetches (:meth:`.Inbox.stats`)."""
+        return self.inbox.stats()
 
     # -- caller side ------------------------------------------------------------------
 
