@@ -66,7 +66,9 @@ class Holes:
         """``msgs`` without the records after a hole seen for the first time
         (their partition was moved back to read them again)."""
         offsets = list(map(_offset, msgs))
-        expected, dropped = self.next, None
+        expected = self.next
+        cut: set[TP] = set()  # partitions moved back: the rest of the batch's records go
+        gone: list[range] = []  # indexes of the records set aside
         start = 0
         for key, run in groupby(zip(map(_topic, msgs), map(_part, msgs))):
             end = start + len(list(run))
@@ -74,8 +76,8 @@ class Holes:
             if key[0] is None or first is None or last is None or first < 0:
                 start = end  # an error event, not a record
                 continue
-            if dropped is not None and key in dropped:
-                dropped[key].extend(range(start, end))
+            if key in cut:
+                gone.append(range(start, end))
                 start = end
                 continue
             hole = at = None
@@ -88,9 +90,8 @@ class Holes:
             if hole is None and last - first != end - start - 1:
                 hole, at = self._inside(key, offsets, start, end)
             if hole is not None and self._read_again(key, hole):
-                if dropped is None:
-                    dropped = {}
-                dropped[key] = list(range(at, end))  # type: ignore[arg-type]
+                cut.add(key)
+                gone.append(range(at, end))  # type: ignore[arg-type]
                 expected[key] = hole
             else:
                 if hole is not None:
@@ -98,10 +99,10 @@ class Holes:
                 if want is None or last >= want:
                     expected[key] = last + 1
             start = end
-        if dropped is None:
+        if not gone:
             return msgs
-        gone = {i for indexes in dropped.values() for i in indexes}
-        return [m for i, m in enumerate(msgs) if i not in gone]
+        drop = {i for indexes in gone for i in indexes}
+        return [m for i, m in enumerate(msgs) if i not in drop]
 
     def _inside(
         self, key: TP, offsets: list[Any], start: int, end: int
