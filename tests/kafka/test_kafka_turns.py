@@ -1,4 +1,4 @@
-"""Who fetches (``_kafka/turns.py``): ``listen()``'s own thread while the
+"""Who fetches (``pubsub/_turns.py``): ``listen()``'s own thread while the
 application keeps coming back for more, the reader thread while it is busy
 elsewhere; a failure on either thread is raised by ``listen()``."""
 

@@ -251,9 +251,10 @@ class QueueBackend(PubSubBackend):
         self.delivered += 1
         return item
 
-    def _pulled(self, timeout: float | None) -> Any:
+    def _pulled(self, timeout: float | None, limit: int = 0) -> Any:
         """``get_many()``, fetching on this thread while nothing is queued (``_pull``)."""
-        get_many, limit, pull = self._queue.get_many, self._batch_limit, self._pull
+        get_many, pull = self._queue.get_many, self._pull
+        limit = limit or self._batch_limit
         assert pull is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -153,6 +153,7 @@ class ShmPubSub(QueueBackend):
             self._inbox.add(subscriber)
             if self._reader is None and self._puller is None:
                 self._reader = Reader(self._inbox, self._decoder, self._queue)
+                self._pull = self._reader.pull  # listen() takes samples itself when it waits
 
     def publish(self, topic: Any, serialized_data: bytes) -> None:
         """Publish a message; small ones travel batched, large ones are copied at once.
@@ -199,10 +200,10 @@ class ShmPubSub(QueueBackend):
             publisher.flush()
 
     def _listen(self) -> Iterator[bytes]:
-        # listen() without per-message calls: batches from the reader's queue,
-        # the state checked before each message (shm has nothing to acknowledge).
+        # listen() without per-message calls: batches taken on this thread or from
+        # the reader's queue, the state checked before each message (shm has
+        # nothing to acknowledge).
         local = self._local
-        get_many = self._queue.get_many
         while self._puller is None:
             while local:
                 if self._state is not State.OPEN:
@@ -211,7 +212,10 @@ class ShmPubSub(QueueBackend):
                 yield local.popleft().data
             if self._puller is not None:
                 break
-            batch = get_many(None, 4096)
+            if self._pull is not None:
+                batch = self._pulled(None, 4096)
+            else:
+                batch = self._queue.get_many(None, 4096)
             if batch is CLOSED or not batch:
                 return
             local.extend(batch)
@@ -268,6 +272,7 @@ class ShmPubSub(QueueBackend):
                     "messages: use receive_view() from the start, or another ShmPubSub"
                 )
             reader, self._reader = self._reader, None
+            self._pull = None
             if reader is not None:
                 reader.stop()
             # Everything the reader copied, in order (get_many hands out ~1 MB a call).
@@ -337,6 +342,7 @@ class ShmPubSub(QueueBackend):
         with self._lock:
             flusher, self._flusher = self._flusher, None
             reader, self._reader = self._reader, None
+            self._pull = None
             publishers = list(self._publishers.values())
             inbox = self._inbox
         if flusher is not None:

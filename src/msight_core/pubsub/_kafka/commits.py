@@ -3,7 +3,7 @@
 Only offsets of messages the application processed are committed. The backend
 writes the token of the last processed delivery per partition into
 :attr:`Commits.acks` (any thread; one dict store); whichever thread drives the
-consumer (:mod:`.turns`) turns them into offsets and commits them: every
+consumer (:mod:`.._turns`) turns them into offsets and commits them: every
 second, on revocation and on close.
 """
 

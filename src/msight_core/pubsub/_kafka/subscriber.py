@@ -1,6 +1,6 @@
 """The Kafka receiving side: :class:`Subscriber`.
 
-One librdkafka consumer per backend, used by one thread at a time (:mod:`.turns`):
+One librdkafka consumer per backend, used by one thread at a time (:mod:`.._turns`):
 the reader thread, or the application's thread while it waits in ``listen()``
 with nothing queued (then the batch it fetches is handed out on the same
 thread). Other threads post commands, run by whichever thread has the turn.
@@ -42,13 +42,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from ...config import KafkaConfig
 from ...errors import BrokerUnavailableError, ConfigError, MsightError
 from .._core import Delivery, ReceiveQueue
+from .._turns import Turns
 from .commits import Commits
 from .errors import TOPIC_MISSING, translate
 from .inbox import Inbox
 from .patterns import Patterns, kafka_regex
 from .positions import seek_targets, start_positions
 from .settings import METADATA_REFRESH_MS, consumer_conf, unique_group_id
-from .turns import Turns
 
 __all__ = ["Subscriber"]
 
@@ -253,7 +253,7 @@ class Subscriber:
 
     def pull(self, wait: float) -> list[Delivery] | None:
         """``listen()`` is here for more: the reader thread stands aside (see
-        :mod:`.turns`). With ``wait > 0``, fetch on the calling thread for up to
+        :mod:`.._turns`). With ``wait > 0``, fetch on the calling thread for up to
         ``wait`` seconds unless the reader queued something meanwhile, and return
         the deliveries fetched (for ``listen()`` to hand out; none: ``[]``);
         ``None`` if the consumer was not free or the subscriber is stopping."""

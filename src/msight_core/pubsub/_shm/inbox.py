@@ -4,10 +4,12 @@
 once (an iceoryx2 ``WaitSet``, plus a pipe that ``wake()`` writes to, so
 ``close()`` ends a wait at once) and takes samples round robin across topics.
 
-* :class:`Reader` (the default, for ``listen()``/``receive()``): a thread that
-  copies every sample out as it arrives into the backend's receive queue and
-  gives the sample straight back. Bursts are absorbed by the queue
-  (``MSIGHT_QUEUE_*``), as on the other backends.
+* :class:`Reader` (the default, for ``listen()``/``receive()``): copies every
+  sample out as it arrives and gives the sample straight back. While the
+  application waits for a message, its own thread does this and hands the copy
+  out; otherwise a reader thread copies into the backend's receive queue, so
+  bursts are absorbed by the queue (``MSIGHT_QUEUE_*``), as on the other
+  backends.
 * :class:`Puller` (once the application asks for views): no thread; the
   consuming thread takes samples itself and hands out views that hold them.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 from ...errors import BackpressureError
 from .._core import Delivery, ReceiveQueue
+from .._turns import Turns
 from . import frames
 from .subscriber import Decoder, Subscriber
 from .views import Lease, Ledger, ShmView, exporter
@@ -151,47 +154,100 @@ class Inbox:
 
 
 class Reader:
-    """The thread that copies samples into the receive queue as they arrive."""
+    """Copies samples into the receive queue as they arrive, or hands them to ``listen()``.
+
+    A thread (``msight-shm-reader``) takes samples whenever the application is
+    not waiting for one, so the few samples a subscriber's buffer holds are
+    never overwritten while the application is busy. While the application
+    waits in ``listen()``/``receive()`` with nothing queued, it takes the turn
+    (:meth:`pull`, see :mod:`.._turns`): the sample is copied on the thread that
+    hands it out, with no hand-over between threads on the way.
+    """
 
     def __init__(self, inbox: Inbox, decoder: Decoder, queue: ReceiveQueue) -> None:
         self._inbox = inbox
         self._decoder = decoder
         self._queue = queue
         self._stopped = False
+        self.turns = Turns(handoff=0.0, interrupt=inbox.wake)
         self._thread = threading.Thread(target=self._run, name="msight-shm-reader", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        inbox, decoder, queue = self._inbox, self._decoder, self._queue
-        decode = decoder.messages
+        turns, queue = self.turns, self._queue
         while not self._stopped:
-            try:
+            if turns.stand_aside():
+                continue
+            with turns.lock:
+                if self._stopped:
+                    return
                 # Samples taken are always delivered, also when stop() came meanwhile:
                 # whoever consumes next (views) finds them in the queue.
-                items = inbox.poll(None, 64)
-            except Exception as exc:  # listen() must not hang on a dead reader
-                if not self._stopped:
-                    logger.exception("shm reader stopped")
-                    queue.fail(exc)
-                return
-            batch: deque[Delivery] = deque()
-            for sub, sample in items:
-                try:
-                    batch.extend(decode(sub.topic, sample, sub.grouped))
-                except Exception as exc:  # noqa: BLE001 - a bad sample costs only itself
-                    decoder.failed(sub.topic, exc)
-            if batch:
-                # One lock and C loops while they fit; the overflow policy for the rest.
-                queue.offer(batch)
+                batch = self._take(None)
+                if batch is None:
+                    return
                 if batch:
-                    queue.put_many(batch)
+                    # One lock and C loops while they fit; the overflow policy for the rest.
+                    queue.offer(batch)
+                    if batch:
+                        queue.put_many(batch)
+
+    def _take(self, timeout: float | None) -> deque[Delivery] | None:
+        """Samples that arrive within ``timeout`` as deliveries (empty when woken);
+        ``None`` once the inbox failed (``listen()`` raises it)."""
+        inbox, decoder = self._inbox, self._decoder
+        try:
+            items = inbox.poll(timeout, 64)
+        except Exception as exc:  # listen() must not hang on a dead reader
+            if not self._stopped:
+                logger.exception("shm reader stopped")
+                self._queue.fail(exc)
+            self._stopped = True
+            return None
+        batch: deque[Delivery] = deque()
+        decode = decoder.messages
+        for sub, sample in items:
+            try:
+                batch.extend(decode(sub.topic, sample, sub.grouped))
+            except Exception as exc:  # noqa: BLE001 - a bad sample costs only itself
+                decoder.failed(sub.topic, exc)
+        return batch
+
+    def pull(self, wait: float) -> list[Delivery] | None:
+        """``listen()`` is here for more (the ``_pull`` hook of :class:`.._core.QueueBackend`).
+
+        With ``wait > 0``: take the samples that arrive within ``wait`` seconds on
+        the calling thread and return them (handed out without passing through
+        the queue, as far as its bounds allow; none: ``[]``); ``None`` if the
+        turn was not free or the reader stopped."""
+        if self._stopped:
+            return None
+        return self.turns.pull(self._pulled, wait)  # type: ignore[no-any-return]
+
+    def _pulled(self, wait: float) -> list[Delivery]:
+        queue = self._queue
+        if self._stopped or len(queue):
+            return []
+        batch = self._take(wait)
+        if not batch:
+            return []
+        taken = queue.fitting(batch) if not len(queue) else []
+        if batch:  # beyond what the queue may hold: its overflow policy decides
+            queue.offer(batch)
+            if batch:
+                queue.put_many(batch)
+        return taken
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the thread (it finishes the samples in hand). Idempotent."""
+        """End the thread (it finishes the samples in hand) and wait for a listener
+        that holds the turn to leave the inbox. Idempotent."""
         self._stopped = True
         self._inbox.wake()
+        self.turns.wake_reader()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self.turns.lock.acquire(timeout=timeout):  # nobody polls the inbox any more
+            self.turns.lock.release()
 
 
 class Puller:
