@@ -17,8 +17,8 @@ the application is busy elsewhere (handling a message, or not listening at
 all) the reader thread drives again, so fetching ahead, commits, rebalances
 and posted commands never wait for the application. A backend whose own
 buffers are small (shm: a few samples) uses ``handoff=0``: the reader drives
-whenever the listener is not in :meth:`Turns.pull`, and the listener
-``interrupt``\\ s a reader that waits while holding the turn.
+whenever the listener is not in :meth:`Turns.pull`, and the listener calls
+``interrupt`` to end a wait the reader is in while it holds the turn.
 """
 
 from __future__ import annotations
