@@ -47,6 +47,15 @@ def _index(data: bytes | None) -> int | None:
     return i
 
 
+def _subscribed(make: Callable[..., ShmPubSub]) -> tuple[ShmPubSub, ShmPubSub, str]:
+    """A subscriber and a publisher of a new topic, its frames' memory reserved."""
+    topic = _topic()
+    sub, pub = make(), make()
+    sub.subscribe(topic)
+    pub.reserve(topic, FRAME)
+    return sub, pub, topic
+
+
 def _publish(pub: ShmPubSub, topic: str, count: int, gap: float, delay: float) -> threading.Thread:
     def run() -> None:
         time.sleep(delay)
@@ -62,10 +71,7 @@ def _publish(pub: ShmPubSub, topic: str, count: int, gap: float, delay: float) -
 def test_a_frame_waited_for_is_copied_on_the_listening_thread(
     make: Callable[..., ShmPubSub],
 ) -> None:
-    topic = _topic()
-    sub, pub = make(), make()
-    sub.subscribe(topic)
-    pub.reserve(topic, FRAME)
+    sub, pub, topic = _subscribed(make)
     seen = _watch(sub)
     sender = _publish(pub, topic, 10, gap=0.03, delay=0.3)  # listen() waits first
     got = []
@@ -83,10 +89,7 @@ def test_a_frame_waited_for_is_copied_on_the_listening_thread(
 def test_the_reader_takes_samples_while_the_application_is_busy(
     make: Callable[..., ShmPubSub],
 ) -> None:
-    topic = _topic()
-    sub, pub = make(), make()
-    sub.subscribe(topic)
-    pub.reserve(topic, FRAME)
+    sub, pub, topic = _subscribed(make)
     depth = sub.config.buffer_depth
     count = 5 * depth
     pub.publish(topic, _frame(-1))
