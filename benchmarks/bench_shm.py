@@ -6,6 +6,9 @@ processes, paced at 30 Hz and flat out, through:
 * ``shm``       ``ShmPubSub.publish(bytes)`` -> ``bytes`` from ``receive()`` (``listen()``'s path)
 * ``shm-view``  ``ShmPubSub.publish(bytes)`` -> ``receive_view()`` (zero-copy read)
 * ``shm-loan``  ``ShmPubSub.loan()`` (the producer writes in place) -> ``receive_view()``
+* ``iox``       raw iceoryx2, the client under the shm backend: the frame copied
+  into a loaned sample, the subscriber copies it into ``bytes`` (``_iox.py``)
+* ``iox-loan``  raw iceoryx2, the header written into a loaned sample, read in place
 * ``redis``     ``RedisPubSub`` on an embedded server
 * ``nats``      ``NATSPubSub`` on an embedded default server (1 MB max_payload, JetStream)
 * ``socket``    a loopback TCP socket per subscriber, 4 MiB buffers, length-prefixed
@@ -21,7 +24,7 @@ to its last arrival.
 
 Usage::
 
-    python benchmarks/bench_shm.py                      # everything (about 6 minutes)
+    python benchmarks/bench_shm.py                      # everything (about 12 minutes)
     python benchmarks/bench_shm.py --transports shm shm-view shm-loan --sizes 16M \\
         --modes paced --subs 3 --plot shm.png --json shm.json
 """
@@ -44,10 +47,11 @@ from array import array
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import _iox
 from msight_core.errors import MsightError
 from msight_core.pubsub import get_pubsub
 
-TRANSPORTS = ("shm", "shm-view", "shm-loan", "redis", "nats", "socket")
+TRANSPORTS = ("shm", "shm-view", "shm-loan", "iox", "iox-loan", "redis", "nats", "socket")
 SIZES = {"1K": 1024, "2M": 2 * 1024 * 1024, "16M": 16 * 1024 * 1024}
 HEAD = struct.Struct("<qB")  # sequence number, kind
 DATA, WARM, END = 0, 1, 2
@@ -160,6 +164,8 @@ def worker(conn: Any) -> None:
         try:
             if case["transport"] == "socket":
                 seqs, times = _receive_socket(case)
+            elif case["transport"].startswith("iox"):
+                seqs, times = _iox.receive(case, HEAD, (DATA, END), now_ns, IDLE)
             else:
                 seqs, times = _receive_messages(case["transport"], case)
             conn.send({"seq": seqs.tobytes(), "t": times.tobytes()})
@@ -196,7 +202,10 @@ class Publisher:
         self.server: socket.socket | None = None
         self.peers: list[socket.socket] = []
         self.client: Any = None
-        if transport == "socket":
+        self.raw: _iox.RawPublisher | None = None
+        if transport.startswith("iox"):
+            self.raw = _iox.RawPublisher(env["domain"], topic, size, transport == "iox-loan")
+        elif transport == "socket":
             self.server = socket.create_server(("127.0.0.1", 0))
             self.port = self.server.getsockname()[1]
         else:
@@ -218,7 +227,11 @@ class Publisher:
             with self.client.loan(self.topic, self.size) as buf:
                 HEAD.pack_into(buf, 0, seq, kind)
             return t
+        if self.transport == "iox-loan" and self.raw is not None:
+            return self.raw.send(None, HEAD.pack(seq, kind), now_ns)
         frame = HEAD.pack(seq, kind) + body
+        if self.raw is not None:
+            return self.raw.send(frame, b"", now_ns)
         if self.transport == "socket":
             prefix = LEN.pack(len(frame))
             t = now_ns()
@@ -241,6 +254,8 @@ class Publisher:
             self.server.close()
         if self.client is not None:
             self.client.close()
+        if self.raw is not None:
+            self.raw.close()
 
 
 def run_case(
@@ -289,7 +304,7 @@ def run_case(
                     break
         pub.flush()
         row.sent_per_s = len(sent) / max(time.perf_counter() - began, 1e-9)
-        if transport == "shm-loan":
+        if transport in ("shm-loan", "iox-loan"):
             row.note = "payload not written: hand-over rate"
         time.sleep(0.3)
         for i in range(1 if transport == "socket" else 3):  # a marker may be lost: repeat
@@ -386,14 +401,17 @@ def goals(rows: list[Row]) -> list[str]:
         ("shm-loan", "16M", "paced", 3, "p99", 1.5, "loan -> views"),
         ("shm", "1K", "flat", 1, "rate", 200_000.0, "1 KB to one subscriber, msg/s"),
     ]
+    raw = {"shm": "iox", "shm-loan": "iox-loan"}  # the same path on raw iceoryx2
     for transport, size, mode, subs, what, bound, label in checks:
         r = find(transport, size, mode, subs)
         if r is None:
             continue
         if what == "p99":
             ok = r.p99_ms is not None and r.p99_ms <= bound
+            base = find(raw.get(transport, ""), size, mode, subs)
+            same = f"; raw iceoryx2 in this run: p99 {_fmt(base.p99_ms)} ms" if base else ""
             out.append(
-                f"{'PASS' if ok else 'MISS'} {label}: p99 {_fmt(r.p99_ms)} ms (goal <= {bound})"
+                f"{'PASS' if ok else 'MISS'} {label}: p99 {_fmt(r.p99_ms)} ms (goal <= {bound}){same}"
             )
         else:
             ok = r.msgs_per_s is not None and r.msgs_per_s >= bound
@@ -488,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--modes", nargs="+", default=["paced", "flat"], choices=["paced", "flat"])
     parser.add_argument("--subs", nargs="+", type=int, default=[1, 3], choices=[1, 2, 3])
-    parser.add_argument("--frames", type=int, default=90, help="frames per paced run")
+    parser.add_argument("--frames", type=int, default=300,
+                        help="frames per paced run (x subscribers = latency samples)")  # fmt: skip
     parser.add_argument("--plot", help="save a PNG plot here")
     parser.add_argument("--json", help="save the rows as JSON here")
     args = parser.parse_args(argv)
@@ -498,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     domain = f"bench{os.getpid()}"
     envs: dict[str, Any] = {
         "shm": {"MSIGHT_PUBSUB_BACKEND": "shm", "MSIGHT_SHM_DOMAIN": domain},
+        "iox": {"domain": domain},
     }
     brokers: list[Any] = []
     if "redis" in args.transports:
