@@ -17,8 +17,14 @@ is kept.
 
 That second wait is a guess: a PONG tells how far the server has read, not how
 far the subscriber has. Frames whose subscribers confirm them (:mod:`.flow`,
-``Wire.peer_paced``) skip it: the publisher waits for those confirmations
-instead, before each frame, and only the round trips (the server's pace) here.
+``Wire.peer_paced``) skip the round trips altogether: the publisher waits for
+those confirmations instead, before each frame, and what it has sent and they
+have not confirmed (the frames on their way to the server included) stays
+within :data:`.flow.WINDOW`, under what nats-server holds for a subscriber.
+Waiting for the server's PONGs as well only kept the socket from carrying more
+than two windows: 4 MiB frames flat out to one subscriber went at 420-612 MB/s
+with the round trips and 703-738 without them (three alternating pairs, no
+loss, no slow consumer either way, nor under two CPU hogs).
 """
 
 from __future__ import annotations
@@ -74,8 +80,11 @@ async def _pace(wire: Wire) -> None:
     """A PING for the window just written; then wait for the previous window's
     PONG. Two windows in flight keep the socket busy (waiting for this
     window's PONG would idle it for a round trip per window); a wait longer
-    than :data:`PACE_SLOW` means the server holds us back: wait as long again
-    (unless the subscribers pace these frames themselves)."""
+    than :data:`PACE_SLOW` means the server holds us back: wait as long again.
+    Frames their subscribers pace (:mod:`.flow`) wait for nothing here."""
+    if wire.peer_paced:
+        wire.unconfirmed = 0  # this window is accounted for by the confirmations
+        return
     previous = wire.pong
     wire.pong = asyncio.ensure_future(wire.round_trip())
     if previous is None or previous.done():
@@ -83,5 +92,5 @@ async def _pace(wire: Wire) -> None:
     started = time.monotonic()
     await previous
     taken = time.monotonic() - started
-    if taken > PACE_SLOW and not wire.peer_paced:  # the server (or the machine) holds back
+    if taken > PACE_SLOW:  # the server (or the machine) holds back
         await asyncio.sleep(min(taken, _PACE_WAIT_MAX))
