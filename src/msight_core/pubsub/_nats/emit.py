@@ -16,11 +16,13 @@ keep up). On an idle machine a 4 MiB round trip takes 1-3 ms: the flat-out rate
 is kept.
 
 That second wait is a guess: a PONG tells how far the server has read, not how
-far the subscriber has. Frames whose subscribers confirm them (:mod:`.flow`,
-``Wire.peer_paced``) skip the round trips altogether: the publisher waits for
-those confirmations instead, before each frame, and what it has sent and they
-have not confirmed (the frames on their way to the server included) stays
-within :data:`.flow.WINDOW`, under what nats-server holds for a subscriber.
+far the subscriber has. Frames whose subscribers confirm them (:mod:`.flow`;
+the publisher hands them over as :class:`Paced` pieces, and the answers to
+frame requests on such topics too) skip the round trips altogether: the
+publisher waits for those confirmations instead, before each frame, and what it
+has sent and they have not confirmed (the frames on their way to the server
+included) stays within :data:`.flow.WINDOW`, under what nats-server holds for a
+subscriber. Other large messages in the same batch are paced as before.
 Waiting for the server's PONGs as well only kept the socket from carrying more
 than two windows: 4 MiB frames flat out to one subscriber went at 420-612 MB/s
 with the round trips and 703-738 without them (three alternating pairs, no
@@ -35,12 +37,19 @@ from typing import Any
 
 from .internals import Wire
 
-__all__ = ["PACE_BYTES", "PACE_SLOW", "emit", "frame_bytes"]
+__all__ = ["PACE_BYTES", "PACE_SLOW", "Paced", "emit", "frame_bytes"]
 
 EMIT_STEP = 4 * 1024 * 1024  # pending in nats-py before the writer waits for the socket
 PACE_BYTES = 4 * 1024 * 1024
 PACE_SLOW = 0.005
 _PACE_WAIT_MAX = 0.05
+
+
+class Paced(tuple):  # type: ignore[type-arg]
+    """The pieces of a large message whose subscribers pace it by their
+    confirmations (:mod:`.flow`): no round trip to the server for it."""
+
+    __slots__ = ()
 
 
 def frame_bytes(pieces: tuple[Any, ...]) -> int:
@@ -51,15 +60,17 @@ def frame_bytes(pieces: tuple[Any, ...]) -> int:
 async def emit(wire: Wire, out: list[Any]) -> None:
     """Hand ``out`` to the connection, in order.
 
-    Runs of small pieces are joined into one write. A tuple is one large
-    message, handed over in its pieces (:meth:`.internals.Wire.write_message`);
-    after it, the writer waits for the socket if too much is pending, and
-    large messages are paced (``PACE_BYTES``): a flat-out burst must not
+    Runs of small pieces are joined into one write. A tuple (or
+    :class:`Paced`) is one large message, handed over in its pieces
+    (:meth:`.internals.Wire.write_message`); after it, the writer waits for the
+    socket if too much is pending, and large messages other than
+    :class:`Paced` ones are paced (``PACE_BYTES``): a flat-out burst must not
     outrun the server's limit on what it holds for a subscriber.
     """
     run: list[bytes] = []
     for piece in out:
-        if type(piece) is not tuple:
+        kind = type(piece)
+        if kind is not tuple and kind is not Paced:
             run.append(piece)
             continue
         if run:
@@ -68,6 +79,8 @@ async def emit(wire: Wire, out: list[Any]) -> None:
         await wire.write_message(piece)
         if wire.pending_bytes >= EMIT_STEP:
             await wire.flush(force=True)
+        if kind is Paced:  # its subscribers' confirmations bound it (.flow)
+            continue
         wire.unconfirmed += frame_bytes(piece)
         if wire.unconfirmed >= PACE_BYTES:
             await _pace(wire)
@@ -80,11 +93,7 @@ async def _pace(wire: Wire) -> None:
     """A PING for the window just written; then wait for the previous window's
     PONG. Two windows in flight keep the socket busy (waiting for this
     window's PONG would idle it for a round trip per window); a wait longer
-    than :data:`PACE_SLOW` means the server holds us back: wait as long again.
-    Frames their subscribers pace (:mod:`.flow`) wait for nothing here."""
-    if wire.peer_paced:
-        wire.unconfirmed = 0  # this window is accounted for by the confirmations
-        return
+    than :data:`PACE_SLOW` means the server holds us back: wait as long again."""
     previous = wire.pong
     wire.pong = asyncio.ensure_future(wire.round_trip())
     if previous is None or previous.done():

@@ -61,6 +61,7 @@ from .chunks import (
     reply_pieces,
     valid_reply,
 )
+from .emit import Paced
 from .flow import Flow, confirmation, parse_confirmation
 
 __all__ = [
@@ -235,15 +236,19 @@ class LargeFrames:
         if self._send is None or not valid_reply(reply):
             return
         data = None
+        paced = False
         if parsed is not None and parsed[0] == self._token:
             data = self._retained.take(parsed[1])
             topic = self._retained.topic(parsed[1])
             if topic is not None:
                 self.quiet.asked(topic)
+                paced = self.flow.paced(topic)
         seq = parsed[1] if parsed is not None else 0
+        pieces = reply_pieces(reply, self._token, seq, data, self._chunk)
         self._answering += 1
         try:
-            await self._send(reply_pieces(reply, self._token, seq, data, self._chunk))
+            # A member that confirms what it gets paces its answers (.emit.Paced).
+            await self._send(Paced(pieces) if paced and data is not None else pieces)
         except Exception as exc:  # noqa: BLE001 - closing: the requester times out
             logger.debug("answering a frame request failed: %s", type(exc).__name__)
         finally:

@@ -310,8 +310,6 @@ class Wire:
         """Large-payload bytes written since the last :meth:`round_trip`."""
         self.pong: Any = None
         """The pacing round trip in flight (a task), if any."""
-        self.peer_paced = False
-        """The large frames written are paced by their subscribers' confirmations."""
 
     @property
     def pending_bytes(self) -> int:

@@ -34,7 +34,7 @@ from ...config import PublishConfig
 from ...errors import BackpressureError, ClosedError, MsightError
 from .acks import Receipts
 from .commands import CRLF, Commands, Frame, Tracked, hpub_head
-from .emit import emit, frame_bytes
+from .emit import Paced, emit, frame_bytes
 from .frames import LargeFrames
 from .internals import Wire
 
@@ -44,6 +44,7 @@ logger = logging.getLogger("msight_core.pubsub.nats")
 
 _EMIT_BYTES = 8 * 1024 * 1024  # a batch of tracked messages is handed over in such steps
 _DIRECT_BYTES = 128 * 1024  # payloads from this size are handed over without a copy
+_HANDED_OVER = (bytes, tuple, Paced)  # what _expand_frame gives that goes to emit() as it is
 
 
 class Publisher(Receipts):
@@ -379,7 +380,7 @@ class Publisher(Receipts):
             else:
                 pieces = [item]
             for piece in pieces:
-                if type(piece) is bytes or type(piece) is tuple:  # tuple: a core frame
+                if type(piece) in _HANDED_OVER:  # bytes, or a core frame's pieces
                     out.append(piece)
                     size += len(piece) if type(piece) is bytes else frame_bytes(piece)
                     continue
@@ -411,8 +412,8 @@ class Publisher(Receipts):
         if not self.jetstream:  # core NATS: one piece for the writer (chunks.py)
             self.frames += 1
             pieces = await large.core_frame(nc, frame.name, frame.data, self._answer)
-            if self._wire is not None:  # its subscribers pace it, or the server does (.emit)
-                self._wire.peer_paced = large.flow.paced(frame.name)
+            if large.flow.paced(frame.name):  # its subscribers pace it, else the server (.emit)
+                return [Paced(pieces)]
             return [pieces]
         stream = await large.ensure_stream(nc)
         pieces = self._commands.frame(
