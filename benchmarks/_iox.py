@@ -60,7 +60,7 @@ def _services(iox: Any, node: Any, topic: str) -> tuple[Any, Any]:
 class RawPublisher:
     """The publishing side of ``iox`` / ``iox-loan`` for one case."""
 
-    def __init__(self, domain: str, topic: str, size: int, loan_only: bool) -> None:
+    def __init__(self, domain: str, topic: str, size: int) -> None:
         self.iox, self.node = _iox(domain)
         pubsub, events = _services(self.iox, self.node, topic)
         self.port = (
@@ -70,7 +70,7 @@ class RawPublisher:
             .create()
         )
         self.notifier = events.notifier_builder().create()
-        self.size, self.loan_only = size, loan_only
+        self.size = size
         # Pre-fault the samples the publisher will cycle through, as msight's reserve() does.
         samples = [self.port.loan_slice_uninit(size) for _ in range(_DEPTH)]
         for sample in samples:
@@ -78,14 +78,12 @@ class RawPublisher:
         for sample in samples:
             sample.delete()
 
-    def send(self, frame: bytes | None, head: bytes, stamp: Any) -> int:
-        """Loan, fill (the whole ``frame``, or only ``head``), send, notify; the start time."""
+    def send(self, data: bytes, stamp: Any) -> int:
+        """Loan a frame-sized sample, write ``data`` (the whole frame, or for
+        ``iox-loan`` only its header) at its start, send, notify; the start time."""
         t = stamp()
         sample = self.port.loan_slice_uninit(self.size)
-        if frame is not None and not self.loan_only:
-            ctypes.memmove(sample.payload_ptr, frame, len(frame))
-        else:
-            ctypes.memmove(sample.payload_ptr, head, len(head))
+        ctypes.memmove(sample.payload_ptr, data, len(data))
         sample.assume_init().send()
         self.notifier.notify()
         return t

@@ -204,7 +204,7 @@ class Publisher:
         self.client: Any = None
         self.raw: _iox.RawPublisher | None = None
         if transport.startswith("iox"):
-            self.raw = _iox.RawPublisher(env["domain"], topic, size, transport == "iox-loan")
+            self.raw = _iox.RawPublisher(env["domain"], topic, size)
         elif transport == "socket":
             self.server = socket.create_server(("127.0.0.1", 0))
             self.port = self.server.getsockname()[1]
@@ -227,11 +227,10 @@ class Publisher:
             with self.client.loan(self.topic, self.size) as buf:
                 HEAD.pack_into(buf, 0, seq, kind)
             return t
-        if self.transport == "iox-loan" and self.raw is not None:
-            return self.raw.send(None, HEAD.pack(seq, kind), now_ns)
+        if self.raw is not None:  # iox-loan writes the header only, as shm-loan does
+            head = HEAD.pack(seq, kind)
+            return self.raw.send(head if self.transport == "iox-loan" else head + body, now_ns)
         frame = HEAD.pack(seq, kind) + body
-        if self.raw is not None:
-            return self.raw.send(frame, b"", now_ns)
         if self.transport == "socket":
             prefix = LEN.pack(len(frame))
             t = now_ns()

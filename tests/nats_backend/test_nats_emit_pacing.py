@@ -13,8 +13,6 @@ import asyncio
 
 from msight_core.pubsub._nats import emit
 
-MiB = 1024 * 1024
-
 
 class _Wire:
     """What ``emit`` uses of ``internals.Wire``; round trips end when released."""
